@@ -1,0 +1,94 @@
+"""Calibration statistics gathered by forward hooks, as running averages in float32.
+
+Inputs of any leading shape are flattened to tokens: x [..., in_features] -> [N, in_features].
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+class InputStatistics:
+    """H = (2/N) sum_t x_t x_t^T [in, in], E|x| [in] and E[x^2] [in] over N tokens seen so far."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.tokens = 0
+        self.H = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.abs_mean = torch.zeros(features, dtype=torch.float32, device=device)
+        self.sq_mean = torch.zeros(features, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # fp16 would overflow x x^T
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite calibration input")
+        n = x.shape[0]
+        total = self.tokens + n
+        keep = self.tokens / total
+        self.H.mul_(keep).addmm_(x.T, x, alpha=2.0 / total)
+        self.abs_mean.mul_(keep).add_(x.abs().sum(0), alpha=1.0 / total)
+        self.sq_mean.mul_(keep).add_((x * x).sum(0), alpha=1.0 / total)
+        self.tokens = total
+
+
+class OutputStatistics:
+    """Per output channel of the dense layer: E|y|, E[y], E[y^2] [out] over N tokens."""
+
+    def __init__(self, features: int, device: torch.device | str = "cpu"):
+        self.tokens = 0
+        self.abs_mean = torch.zeros(features, dtype=torch.float32, device=device)
+        self.mean = torch.zeros(features, dtype=torch.float32, device=device)
+        self.sq_mean = torch.zeros(features, dtype=torch.float32, device=device)
+
+    def update(self, y: torch.Tensor) -> None:
+        y = y.detach().reshape(-1, y.shape[-1]).to(self.mean.device, torch.float32)
+        total = self.tokens + y.shape[0]
+        keep = self.tokens / total
+        self.abs_mean.mul_(keep).add_(y.abs().sum(0), alpha=1.0 / total)
+        self.mean.mul_(keep).add_(y.sum(0), alpha=1.0 / total)
+        self.sq_mean.mul_(keep).add_((y * y).sum(0), alpha=1.0 / total)
+        self.tokens = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.sq_mean - self.mean**2).clamp(min=0)
+
+
+@contextmanager
+def collect_statistics(
+    linears: Mapping[str, nn.Linear], shared_inputs: Sequence[Sequence[str]] = (),
+) -> Iterator[tuple[dict[str, InputStatistics], dict[str, OutputStatistics]]]:
+    """Hooks on ``linears`` while the block runs; yields (inputs, outputs) by linear name.
+
+    Names listed together in ``shared_inputs`` read the same tensor (q/k/v, gate/up) and
+    share one ``InputStatistics`` object, updated once per forward.
+    """
+    inputs: dict[str, InputStatistics] = {}
+    outputs: dict[str, OutputStatistics] = {}
+    handles = []
+    owner = {}
+    for names in [list(group) for group in shared_inputs] + [[n] for n in linears]:
+        if names[0] in owner:
+            continue
+        stats = InputStatistics(linears[names[0]].in_features, linears[names[0]].weight.device)
+        for name in names:
+            inputs[name] = stats
+            owner[name] = names[0]
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if owner[name] == name:
+                inputs[name].update(args[0])
+            outputs[name].update(output)
+        return record
+
+    for name, linear in linears.items():
+        outputs[name] = OutputStatistics(linear.out_features, linear.weight.device)
+        handles.append(linear.register_forward_hook(hook(name)))
+    try:
+        yield inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
