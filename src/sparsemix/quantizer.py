@@ -20,7 +20,7 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, s
     """Scale and zero point for each row from its clipping range; maxq is finite here."""
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax  # always centred: a row of positive weights still gets the full range
     empty = (xmin == 0) & (xmax == 0)  # an all-zero row still needs a valid grid
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
