@@ -97,8 +97,8 @@ def _online(name, split):
         why = (str(e).strip().splitlines() or [""])[0]
         raise CorpusNotFoundError(
             f"{name}: no data dir given and loading the {split} split online via Hugging Face "
-            f"datasets failed ({type(e).__name__}: {why}); {HOW} to a folder holding "
-            f"{FILES[name][split if split != 'validation' else 'test']}") from e
+            f"datasets failed ({type(e).__name__}: {why}); {HOW} to a folder with local copies "
+            f"(e.g. {FILES[name]['test']})") from e
 
 
 # ----------------------------------------------------------------------------- texts

@@ -1,0 +1,199 @@
+"""The whole job as a Python API: load, calibrate, compress, evaluate, save, and its JSON record."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import CompressionConfig, ConfigError
+from .data import CORPORA, calibration_windows, eval_windows
+from .driver import CompressionResult, compress_model
+from .evaluation import perplexity
+from .models import DEFAULT_MODEL, load_model, max_sequence_length
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SIDECAR = "sparsemix.json"
+Echo = Callable[[str], None] | None
+BITS_FILE = "sparsemix_bits.safetensors"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One compression run: model, calibration, compression settings, evaluation."""
+
+    model: str = DEFAULT_MODEL
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    eval: tuple[str, ...] = CORPORA
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 8
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if self.calib not in CORPORA:
+            raise ConfigError(f"unknown calibration corpus {self.calib!r}; choose from {', '.join(CORPORA)}")
+        unknown = [c for c in self.eval if c not in CORPORA]
+        if unknown:
+            raise ConfigError(f"unknown evaluation corpus {unknown[0]!r}; choose from {', '.join(CORPORA)}")
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples {self.nsamples} must be at least 1")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen {self.seqlen} must be at least 2")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.device != "auto" and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for but no CUDA GPU is visible; use --device cpu")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    info = {
+        "sparsemix": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "device": device,
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def check_seqlen(model, seqlen: int) -> int:
+    limit = max_sequence_length(model)
+    if seqlen > limit:
+        raise ConfigError(f"--seqlen {seqlen} exceeds the model's maximum of {limit}; use --seqlen {limit} or less")
+    return seqlen
+
+
+def evaluate(model, tokenizer, run: RunConfig, progress: bool = False, echo: Echo = None) -> dict[str, dict]:
+    """Perplexity on each corpus of ``run.eval`` -> {corpus: {perplexity, tokens, windows, seconds, tokens_per_second}}."""
+    device = run.resolved_device
+    results = {}
+    for corpus in run.eval:
+        windows = eval_windows(corpus, tokenizer, run.seqlen, run.data_dir)
+        ppl = perplexity(model, windows, run.batch_size, device, progress=progress, desc=corpus)
+        results[corpus] = {"perplexity": ppl.value, "tokens": ppl.tokens, "windows": ppl.windows,
+                           "seconds": ppl.seconds, "tokens_per_second": ppl.tokens_per_second}
+        if echo:
+            echo(f"Perplexity on {corpus}: {ppl.value:.3f}")
+    return results
+
+
+def compress(run: RunConfig, progress: bool = False, echo: Echo = None):
+    """Load ``run.model``, compress it, evaluate it -> (model, tokenizer, record dict, CompressionResult).
+
+    ``progress`` shows bars (layer i/n with ETA); ``echo`` receives the summary and perplexity lines.
+    """
+    timings = {}
+    t = time.perf_counter()
+    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
+    timings["load_seconds"] = time.perf_counter() - t
+    check_seqlen(model, run.seqlen)
+    device = run.resolved_device
+
+    t = time.perf_counter()
+    windows = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
+    timings["calibration_data_seconds"] = time.perf_counter() - t
+
+    bar = tqdm(total=None, desc="compress", unit="layer", disable=not progress)
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = compress_model(model, windows, run.compression, device, run.batch_size, progress=advance)
+    bar.close()
+    timings["compress_seconds"] = result.seconds
+    if echo:
+        echo(result.stats.format_summary())
+
+    t = time.perf_counter()
+    evaluation = evaluate(model, tokenizer, run, progress, echo)
+    timings["eval_seconds"] = time.perf_counter() - t
+    record = make_record(run, result, evaluation, timings)
+    return model, tokenizer, record, result
+
+
+def evaluate_saved(run: RunConfig, progress: bool = False, echo: Echo = None) -> dict:
+    """Evaluate ``run.model`` (any model, or a --save directory, whose sidecar statistics are kept)."""
+    t = time.perf_counter()
+    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
+    timings = {"load_seconds": time.perf_counter() - t}
+    check_seqlen(model, run.seqlen)
+    t = time.perf_counter()
+    evaluation = evaluate(model, tokenizer, run, progress, echo)
+    timings["eval_seconds"] = time.perf_counter() - t
+    record = make_record(run, None, evaluation, timings)
+    sidecar = Path(run.model) / SIDECAR
+    if sidecar.is_file():
+        saved = json.loads(sidecar.read_text())
+        record["compressed"] = {key: saved[key] for key in ("config", "summary", "layers", "perplexity") if key in saved}
+    return record
+
+
+def make_record(run: RunConfig, result: CompressionResult | None, evaluation: dict, timings: dict) -> dict:
+    """The JSON a script reads: config, statistics, perplexities, timings, versions, device."""
+    record = {
+        "model": run.model,
+        "config": dataclasses.asdict(run),
+        "environment": environment(run.resolved_device),
+        "perplexity": {corpus: item["perplexity"] for corpus, item in evaluation.items()},
+        "evaluation": evaluation,
+        "timings": timings,
+    }
+    if result is not None:
+        record.update(result.stats.to_dict())
+    return record
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then rename over the target."""
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
+
+
+def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict, bits: dict) -> None:
+    """A checkpoint ``AutoModelForCausalLM.from_pretrained(directory)`` loads, plus the sidecars:
+    ``sparsemix.json`` (the run record) and ``sparsemix_bits.safetensors`` (bit width per row)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    save_file({name: b.contiguous() for name, b in bits.items()}, str(directory / BITS_FILE))
+    write_json(directory / SIDECAR, record)

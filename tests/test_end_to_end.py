@@ -1,0 +1,148 @@
+"""The real code path on tiny random OPT and Llama models and tiny corpora."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sparsemix.config import AllocationConfig, CompressionConfig, PruneConfig
+from sparsemix.data import calibration_windows, eval_windows
+from sparsemix.driver import compress_model
+from sparsemix.evaluation import perplexity
+from sparsemix.models import UnsupportedModelError, adapter_for, load_model
+
+FAMILIES = ["opt", "llama"]
+
+
+def plain_perplexity(model, windows):
+    """exp(mean token NLL) from one plain forward per window: the reference."""
+    nll = []
+    for window in windows:
+        logits = model(window[None]).logits[0, :-1]
+        nll.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
+    return float(torch.cat(nll).mean().exp())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_equals_plain_forward(family, tiny_model_dirs, tiny_data_dir):
+    model, tokenizer = load_model(tiny_model_dirs[family])
+    windows = eval_windows("wikitext2", tokenizer, 32, tiny_data_dir)[:6]
+    reference = plain_perplexity(model, windows)
+    assert perplexity(model, windows, batch_size=4).value == pytest.approx(reference, rel=1e-5)
+    assert perplexity(model, windows, batch_size=4, layerwise=True).value == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("allocation, prune", [
+    (AllocationConfig(method="uniform", wbits=4), PruneConfig(0.5)),
+    (AllocationConfig(method="threshold3"), PruneConfig(0.5)),
+    (AllocationConfig(method="quantile"), PruneConfig(0.5)),
+    (AllocationConfig(method="quantile", target_avg_bits=3.5), PruneConfig(0.5)),
+    (AllocationConfig(method="budget", target_avg_bits=4.0), PruneConfig(0.0, prunen=2, prunem=4)),
+])
+def test_driver_compresses_every_linear(family, allocation, prune, tiny_model_dirs, tiny_data_dir):
+    model, tokenizer = load_model(tiny_model_dirs[family])
+    adapter = adapter_for(model)
+    dense = {f"layers.{i}.{n}": m.weight.clone() for i, layer in enumerate(adapter.layers(model))
+             for n, m in adapter.linears(layer).items()}
+    calib = calibration_windows("c4", tokenizer, 8, 32, 0, tiny_data_dir)
+    result = compress_model(model, calib, CompressionConfig(prune=prune, allocation=allocation), batch_size=3)
+    assert [layer.name for layer in result.stats.layers] == list(dense)
+    for i, layer in enumerate(adapter.layers(model)):
+        for name, linear in adapter.linears(layer).items():
+            W = linear.weight
+            assert not torch.equal(W, dense[f"layers.{i}.{name}"])
+            if prune.prunen:
+                assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) >= 2)
+            else:
+                assert float((W == 0).float().mean()) >= 0.5  # pruned, plus survivors rounded to 0
+            bits = result.bits[f"layers.{i}.{name}"]
+            assert bits.shape == (W.shape[0],)
+    summary = result.stats.summary()
+    assert summary["sparsity"] == 0.5
+    if allocation.target_avg_bits is not None:
+        assert abs(summary["channel_average_bits"] - allocation.target_avg_bits) < 0.02
+    if allocation.method == "uniform":
+        assert summary["channels_per_bit"] == {"4": result.stats.total_channels}
+    windows = eval_windows("wikitext2", tokenizer, 32, tiny_data_dir)[:4]
+    assert torch.isfinite(torch.tensor(perplexity(model, windows).value))
+
+
+def test_unsupported_architecture_is_named(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs["opt"])
+    model.config.model_type = "gpt_neox"
+    with pytest.raises(UnsupportedModelError, match="'gpt_neox' is not supported; supported: .*llama.*opt"):
+        adapter_for(model)
+
+
+def sparsemix(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sparsemix.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_cli_compress_save_reload_same_perplexity(tiny_model_dirs, tiny_data_dir, tmp_path):
+    out, save = tmp_path / "run.json", tmp_path / "saved"
+    proc = sparsemix("compress", tiny_model_dirs["llama"], "--data-dir", tiny_data_dir, "--nsamples", "8",
+                     "--seqlen", "32", "--target_avg_bits", "3.5", "--bit_method", "budget", "--eval", "wikitext2,ptb",
+                     "--batch-size", "4", "--output", str(out), "--save", str(save), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "Quantization statistics summary" in proc.stdout or "Quantization statistics summary" in proc.stderr
+    assert "Perplexity on wikitext2:" in proc.stdout + proc.stderr
+    record = json.loads(out.read_text())
+    assert record["summary"]["channel_average_bits"] == pytest.approx(3.5)
+    assert record["config"]["compression"]["allocation"]["method"] == "budget"
+    assert set(record["perplexity"]) == {"wikitext2", "ptb"}
+    assert record["environment"]["torch"] == torch.__version__
+    assert len(record["layers"]) == 2 * 7
+
+    reloaded = AutoModelForCausalLM.from_pretrained(save)  # plain transformers, no sparsemix involved
+    W = reloaded.model.layers[0].mlp.down_proj.weight
+    assert float((W == 0).float().mean()) >= 0.5
+    bits = load_file(save / "sparsemix_bits.safetensors")["layers.0.mlp.down_proj"]
+    assert all(row.unique().numel() <= 2 ** int(b) for row, b in zip(W, bits))  # still on each row's grid
+    again = tmp_path / "again.json"
+    proc = sparsemix("eval", str(save), "--data-dir", tiny_data_dir, "--seqlen", "32", "--eval", "wikitext2,ptb",
+                     "--batch-size", "4", "--output", str(again), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(again.read_text())
+    for corpus in ("wikitext2", "ptb"):
+        assert evaluated["perplexity"][corpus] == pytest.approx(record["perplexity"][corpus], rel=1e-6)
+    assert evaluated["compressed"]["summary"] == record["summary"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "sparsity 1.5 is outside [0, 1)"),
+    (["--bit-method", "best"], "unknown bit method 'best'"),
+    (["--target-avg-bits", "9"], "outside the bit options' range [2, 8]"),
+    (["--importance-weights", "speed=1"], "unknown importance dimension 'speed'"),
+    (["--sparsity", "0.5", "--prunen", "2", "--prunem", "4"], "exclude each other"),
+    (["--nsamples", "0"], "--nsamples 0 must be at least 1"),
+    (["--seqlen", "4096"], "exceeds the model's maximum of 128"),
+])
+def test_cli_errors_are_one_line_exit_2(args, message, tiny_model_dirs, tiny_data_dir):
+    proc = sparsemix("compress", tiny_model_dirs["opt"], "--data-dir", tiny_data_dir, "--eval", "none",
+                     "--seqlen", "32", *args)
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("sparsemix: error:") and message in error
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_model_and_corpus(tmp_path, tiny_model_dirs):
+    proc = sparsemix("compress", str(tmp_path / "nope"), "--eval", "none")
+    assert proc.returncode == 2 and "could not be loaded" in proc.stderr
+    proc = sparsemix("compress", tiny_model_dirs["opt"], "--data-dir", str(tmp_path), "--eval", "none",
+                     "--seqlen", "32")
+    assert proc.returncode == 2 and str(tmp_path) in proc.stderr and "--data-dir" in proc.stderr
+
+
+def test_cli_refuses_to_overwrite(tmp_path, tiny_model_dirs, tiny_data_dir):
+    out = tmp_path / "exists.json"
+    out.write_text("{}")
+    proc = sparsemix("compress", tiny_model_dirs["opt"], "--output", str(out))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert out.read_text() == "{}"
