@@ -146,3 +146,14 @@ def test_cli_refuses_to_overwrite(tmp_path, tiny_model_dirs, tiny_data_dir):
     proc = sparsemix("compress", tiny_model_dirs["opt"], "--output", str(out))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert out.read_text() == "{}"
+
+
+def test_default_seqlen_is_capped_by_the_model(tiny_model_dirs):
+    from sparsemix.config import ConfigError
+    from sparsemix.pipeline import RunConfig, with_model_seqlen
+
+    model, _ = load_model(tiny_model_dirs["opt"])  # max_position_embeddings 128
+    assert with_model_seqlen(RunConfig(), model).seqlen == 128
+    assert with_model_seqlen(RunConfig(seqlen=64), model).seqlen == 64
+    with pytest.raises(ConfigError, match="exceeds the model's maximum of 128"):
+        with_model_seqlen(RunConfig(seqlen=256), model)

@@ -29,7 +29,8 @@ def _corpora(text: str) -> tuple[str, ...]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--eval", type=_corpora, default=CORPORA, help="corpora to evaluate, e.g. wikitext2,ptb,c4 or none")
-    _option(parser, "--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    _option(parser, "--seqlen", type=int, default=None,
+            help="tokens per window (default 2048, or the model's maximum if smaller)")
     _option(parser, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(parser, "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _option(parser, "--dtype", default="float32", help="float32 (default), float16 or bfloat16 on GPU")

@@ -35,7 +35,7 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calib: str = "c4"
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = None  # None: 2048, or the model's maximum if smaller
     seed: int = 0
     eval: tuple[str, ...] = CORPORA
     device: str = "auto"
@@ -51,7 +51,7 @@ class RunConfig:
             raise ConfigError(f"unknown evaluation corpus {unknown[0]!r}; choose from {', '.join(CORPORA)}")
         if self.nsamples < 1:
             raise ConfigError(f"--nsamples {self.nsamples} must be at least 1")
-        if self.seqlen < 2:
+        if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"--seqlen {self.seqlen} must be at least 2")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
@@ -79,11 +79,26 @@ def environment(device: str) -> dict:
     return info
 
 
-def check_seqlen(model, seqlen: int) -> int:
+DEFAULT_SEQLEN = 2048
+
+
+def with_model_seqlen(run: RunConfig, model) -> RunConfig:
+    """``run`` with its window length fixed for ``model``: an explicit one must fit the model."""
     limit = max_sequence_length(model)
-    if seqlen > limit:
-        raise ConfigError(f"--seqlen {seqlen} exceeds the model's maximum of {limit}; use --seqlen {limit} or less")
-    return seqlen
+    if run.seqlen is None:
+        return dataclasses.replace(run, seqlen=min(DEFAULT_SEQLEN, limit))
+    if run.seqlen > limit:
+        raise ConfigError(f"--seqlen {run.seqlen} exceeds the model's maximum of {limit}; use --seqlen {limit} or less")
+    return run
+
+
+def fits_on_device(model, device: str, headroom: float = 0.6) -> bool:
+    """Whether the whole model fits in the device's free memory with room for activations."""
+    if torch.device(device).type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return size < headroom * free
 
 
 def evaluate(model, tokenizer, run: RunConfig, progress: bool = False, echo: Echo = None) -> dict[str, dict]:
@@ -92,7 +107,8 @@ def evaluate(model, tokenizer, run: RunConfig, progress: bool = False, echo: Ech
     results = {}
     for corpus in run.eval:
         windows = eval_windows(corpus, tokenizer, run.seqlen, run.data_dir)
-        ppl = perplexity(model, windows, run.batch_size, device, progress=progress, desc=corpus)
+        ppl = perplexity(model, windows, run.batch_size, device, layerwise=not fits_on_device(model, device),
+                         progress=progress, desc=corpus)
         results[corpus] = {"perplexity": ppl.value, "tokens": ppl.tokens, "windows": ppl.windows,
                            "seconds": ppl.seconds, "tokens_per_second": ppl.tokens_per_second}
         if echo:
@@ -109,7 +125,7 @@ def compress(run: RunConfig, progress: bool = False, echo: Echo = None):
     t = time.perf_counter()
     model, tokenizer = load_model(run.model, DTYPES[run.dtype])
     timings["load_seconds"] = time.perf_counter() - t
-    check_seqlen(model, run.seqlen)
+    run = with_model_seqlen(run, model)
     device = run.resolved_device
 
     t = time.perf_counter()
@@ -140,7 +156,7 @@ def evaluate_saved(run: RunConfig, progress: bool = False, echo: Echo = None) ->
     t = time.perf_counter()
     model, tokenizer = load_model(run.model, DTYPES[run.dtype])
     timings = {"load_seconds": time.perf_counter() - t}
-    check_seqlen(model, run.seqlen)
+    run = with_model_seqlen(run, model)
     t = time.perf_counter()
     evaluation = evaluate(model, tokenizer, run, progress, echo)
     timings["eval_seconds"] = time.perf_counter() - t
