@@ -1,4 +1,8 @@
-"""`sparsemix` command line: compress and eval. Parses, validates at the edge, calls the pipeline."""
+"""sparsemix: SparseGPT pruning + per-channel mixed-precision quantization, evaluated by perplexity.
+
+Commands: compress, eval, compare, sweep, ablate, report. The CLI parses and validates at the
+edge, then calls the library (pipeline, experiments, reports).
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +19,7 @@ from .data import CORPORA, CorpusNotFoundError
 from .models import DEFAULT_MODEL, ModelNotFoundError, UnsupportedModelError
 
 USER_ERRORS = (ConfigError, CorpusNotFoundError, ModelNotFoundError, UnsupportedModelError)
+EXPERIMENTS = ("compare", "sweep", "ablate")
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -27,7 +32,23 @@ def _corpora(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip() and c.strip() != "none")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 3,3.5,4") from None
+
+
+def _model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"hub id, local directory, .gguf file or {DEFAULT_MODEL} (default)")
+
+
+def _run_options(parser: argparse.ArgumentParser, calibrate: bool = True) -> None:
+    if calibrate:
+        _option(parser, "--calib", default="c4", choices=CORPORA, help="calibration corpus (default c4)")
+        _option(parser, "--nsamples", type=int, default=128, help="calibration windows (default 128)")
+        _option(parser, "--seed", type=int, default=0)
     _option(parser, "--eval", type=_corpora, default=CORPORA, help="corpora to evaluate, e.g. wikitext2,ptb,c4 or none")
     _option(parser, "--seqlen", type=int, default=None,
             help="tokens per window (default 2048, or the model's maximum if smaller)")
@@ -36,25 +57,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--dtype", default="float32", help="float32 (default), float16 or bfloat16 on GPU")
     _option(parser, "--data-dir", default=None,
             help="local corpora (layout of shared/data); default env SPARSEMIX_DATA, else Hugging Face datasets")
-    _option(parser, "--output", default=None, help="write the run record as JSON here")
-    _option(parser, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
+
+
+def _prune_options(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
+    _option(parser, "--prunen", type=int, default=0, help="N of N:M (zeros per block), e.g. 2")
+    _option(parser, "--prunem", type=int, default=0, help="M of N:M, e.g. 4")
+
+
+def _misc_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--debug", action="store_true", help="show tracebacks")
     _option(parser, "--quiet", action="store_true", help="no progress bars")
 
 
+def _experiment_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    _option(parser, "--out", default=default_out, help=f"output folder (default {default_out})")
+    _option(parser, "--force", action="store_true", help="recompute configs already cached in OUT/runs")
+    _option(parser, "--lang", default="en", choices=("en", "zh"), help="language of tables and summaries")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsemix", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sparsemix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="prune + mixed-precision quantize a model, then evaluate it")
-    c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"hub id, local directory, .gguf file or {DEFAULT_MODEL} (default)")
-    _option(c, "--calib", default="c4", choices=CORPORA, help="calibration corpus (default c4)")
-    _option(c, "--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    _option(c, "--seed", type=int, default=0)
-    _option(c, "--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
-    _option(c, "--prunen", type=int, default=0, help="N of N:M (zeros per block), e.g. 2")
-    _option(c, "--prunem", type=int, default=0, help="M of N:M, e.g. 4")
+    _model_argument(c)
+    _run_options(c)
+    _prune_options(c)
     _option(c, "--blocksize", type=int, default=128)
     _option(c, "--percdamp", type=float, default=0.01)
     _option(c, "--bit-method", default="quantile", help=f"one of {', '.join(BIT_METHODS)} (default quantile)")
@@ -67,22 +97,66 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--sym", action="store_true", help="symmetric grids")
     _option(c, "--mse", action="store_true", help="search a clipping range per row")
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
-    _common(c)
+    _option(c, "--output", default=None, help="write the run record as JSON here")
+    _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
+    _misc_options(c)
 
     e = sub.add_parser("eval", help="perplexity of a model or of a --save directory")
-    e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    _common(e)
+    _model_argument(e)
+    _run_options(e, calibrate=False)
+    _option(e, "--output", default=None, help="write the run record as JSON here")
+    _option(e, "--overwrite", action="store_true", help="replace an existing --output file")
+    _misc_options(e)
+
+    cmp_ = sub.add_parser("compare", help="the evaluation guide's method comparison (or --configs FILE)")
+    _model_argument(cmp_)
+    _run_options(cmp_)
+    source = cmp_.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=("guide",), default="guide", help="the built-in set (default guide)")
+    source.add_argument("--configs", default=None, help="YAML or JSON list of named configs")
+    _experiment_options(cmp_, "sparsemix-compare")
+    _misc_options(cmp_)
+
+    sw = sub.add_parser("sweep", help="perplexity against bits for several methods (a Pareto plot)")
+    _model_argument(sw)
+    _run_options(sw)
+    _prune_options(sw)
+    _option(sw, "--targets", type=_floats, default=(2.5, 3, 3.5, 4, 4.5, 5), help="average bits (default 2.5,3,3.5,4,4.5,5)")
+    _option(sw, "--methods", default="quantile,budget,uniform", help="bit methods (default quantile,budget,uniform)")
+    _experiment_options(sw, "sparsemix-sweep")
+    _misc_options(sw)
+
+    ab = sub.add_parser("ablate", help="importance weights: each dimension alone, pairs, the default mix")
+    _model_argument(ab)
+    _run_options(ab)
+    _prune_options(ab)
+    _option(ab, "--bit-method", default="quantile", help="quantile (default) or budget")
+    _option(ab, "--target-avg-bits", type=float, default=4.0, help="the one budget (default 4.0)")
+    _option(ab, "--mix", action="append", default=[],
+            help="an extra mix NAME:activation=0.5,hessian=0.5 (repeatable)")
+    _experiment_options(ab, "sparsemix-ablate")
+    _misc_options(ab)
+
+    rp = sub.add_parser("report", help="redraw tables and plots from saved run records")
+    rp.add_argument("results", nargs="+", help="run record JSON files, or folders of them (e.g. OUT/runs)")
+    _option(rp, "--kind", default="compare", choices=EXPERIMENTS, help="which tables and plots (default compare)")
+    _option(rp, "--out", default="sparsemix-report", help="output folder (default sparsemix-report)")
+    _option(rp, "--lang", default="en", choices=("en", "zh"))
+    _misc_options(rp)
     return parser
 
 
-def compression_config(args: argparse.Namespace) -> CompressionConfig:
+def prune_config(args: argparse.Namespace, **extra) -> PruneConfig:
     if args.prunen and args.sparsity is not None:
         raise ConfigError("--sparsity and --prunen/--prunem exclude each other; give one of them")
     sparsity = 0.0 if args.prunen else (0.5 if args.sparsity is None else args.sparsity)
+    return PruneConfig(sparsity=sparsity, prunen=args.prunen, prunem=args.prunem, **extra)
+
+
+def compression_config(args: argparse.Namespace) -> CompressionConfig:
     weights = ImportanceWeights.parse(args.importance_weights) if args.importance_weights else ImportanceWeights()
     return CompressionConfig(
-        prune=PruneConfig(sparsity=sparsity, prunen=args.prunen, prunem=args.prunem,
-                          blocksize=args.blocksize, percdamp=args.percdamp),
+        prune=prune_config(args, blocksize=args.blocksize, percdamp=args.percdamp),
         quant=QuantConfig(sym=args.sym, mse=args.mse, group_size=args.group_size),
         allocation=AllocationConfig(method=args.bit_method, target_avg_bits=args.target_avg_bits,
                                     wbits=args.wbits, bit_options=parse_bit_options(args.bit_options),
@@ -90,20 +164,69 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
     )
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def run_config(args: argparse.Namespace, compression: CompressionConfig | None = None):
+    from .pipeline import RunConfig
+
+    calibration = {"calib": args.calib, "nsamples": args.nsamples, "seed": args.seed} if hasattr(args, "calib") else {}
+    return RunConfig(model=args.model, compression=compression or CompressionConfig(), eval=args.eval,
+                     seqlen=args.seqlen, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                     data_dir=args.data_dir, **calibration)
+
+
+def _check_writable(flag: str, value: str | None, overwrite: bool, folder: bool = False) -> None:
     """Refuse before hours of work, not after: existing outputs need --overwrite; paths must be writable."""
-    for flag, value in (("--output", args.output), ("--save", getattr(args, "save", None))):
-        if value is None:
-            continue
+    if value is None:
+        return
+    path = Path(value)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise ConfigError(f"{flag} {value} already exists; pass --overwrite or choose another path")
+    probe = path if folder else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"{flag} {value}: cannot write in {probe}; choose a writable path")
+
+
+def _experiment_configs(args: argparse.Namespace):
+    from . import experiments
+
+    if args.command == "compare":
+        return experiments.load_configs(args.configs) if args.configs else experiments.guide_preset()
+    if args.command == "sweep":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for method in methods:
+            AllocationConfig(method=method, target_avg_bits=None if method != "budget" else 4.0)  # validates the name
+        for target in args.targets:
+            AllocationConfig(method="quantile", target_avg_bits=target)  # validates the range
+        return experiments.sweep_configs(args.targets, methods, prune_config(args))
+    extra = {}
+    for item in args.mix:
+        name, sep, weights = item.partition(":")
+        if not sep or not name:
+            raise ConfigError(f"--mix {item!r}: write it as NAME:activation=0.5,hessian=0.5")
+        extra[name] = ImportanceWeights.parse(weights)
+    return experiments.ablation_configs(args.bit_method, args.target_avg_bits, prune_config(args), extra)
+
+
+def _load_records(paths: list[str]) -> list[dict]:
+    import json
+
+    files = []
+    for value in paths:
         path = Path(value)
-        if path.exists() and not args.overwrite and (path.is_file() or any(path.iterdir())):
-            raise ConfigError(f"{flag} {value} already exists; pass --overwrite or choose another path")
-        parent = path if flag == "--save" else path.parent
-        probe = parent
-        while not probe.exists():
-            probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise ConfigError(f"{flag} {value}: cannot write in {probe}; choose a writable path")
+        if path.is_dir():
+            files += sorted(path.glob("*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{value}: no such file or folder; give run record JSON files or folders of them")
+    records = [json.loads(f.read_text()) for f in files]
+    records = [r for r in records if "perplexity" in r and "config" in r]
+    if not records:
+        raise ConfigError(f"no run records found in {', '.join(paths)}; point at OUT/runs or its JSON files")
+    for record, f in zip(records, files):
+        record.setdefault("name", f.stem)
+    return records
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,21 +234,35 @@ def run(args: argparse.Namespace) -> int:
 
     from . import pipeline
 
-    _check_outputs(args)
     show = {"progress": not args.quiet, "echo": tqdm.write}
     if args.command == "compress":
-        run_config = pipeline.RunConfig(
-            model=args.model, compression=compression_config(args), calib=args.calib, nsamples=args.nsamples,
-            seqlen=args.seqlen, seed=args.seed, eval=args.eval, device=args.device, dtype=args.dtype,
-            batch_size=args.batch_size, data_dir=args.data_dir,
-        )
-        model, tokenizer, record, result = pipeline.compress(run_config, **show)
+        _check_writable("--output", args.output, args.overwrite)
+        _check_writable("--save", args.save, args.overwrite, folder=True)
+        model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show)
         if args.save:
             pipeline.save_compressed(model, tokenizer, args.save, record, result.bits)
+    elif args.command == "eval":
+        _check_writable("--output", args.output, args.overwrite)
+        record = pipeline.evaluate_saved(run_config(args), **show)
     else:
-        record = pipeline.evaluate_saved(pipeline.RunConfig(
-            model=args.model, eval=args.eval, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
-            batch_size=args.batch_size, data_dir=args.data_dir), **show)
+        from . import experiments, reports
+
+        if args.command == "report":
+            records = _load_records(args.results)
+            kind = args.kind
+        else:
+            configs = _experiment_configs(args)
+            _check_writable("--out", args.out, overwrite=True, folder=True)
+            try:
+                records = experiments.run_experiment(run_config(args), configs, args.out, args.force, **show)
+            except KeyboardInterrupt:
+                print(f"sparsemix: interrupted; finished configs are kept in {Path(args.out) / 'runs'};"
+                      " rerun the same command to resume", file=sys.stderr)
+                return 130
+            kind = args.command
+        for path in reports.write_report(records, args.out, kind=kind, lang=args.lang):
+            print(f"wrote {path}")
+        return 0
     if args.output:
         pipeline.write_json(args.output, record)
     return 0

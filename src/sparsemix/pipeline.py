@@ -101,12 +101,39 @@ def fits_on_device(model, device: str, headroom: float = 0.6) -> bool:
     return size < headroom * free
 
 
-def evaluate(model, tokenizer, run: RunConfig, progress: bool = False, echo: Echo = None) -> dict[str, dict]:
-    """Perplexity on each corpus of ``run.eval`` -> {corpus: {perplexity, tokens, windows, seconds, tokens_per_second}}."""
+@dataclass
+class Prepared:
+    """A loaded model with its tokenised calibration and evaluation windows, shared by every config."""
+
+    run: RunConfig  # seqlen resolved for the model
+    model: torch.nn.Module
+    tokenizer: object
+    calibration: torch.Tensor | None  # [nsamples, seqlen]
+    evaluation: dict[str, torch.Tensor]  # corpus -> [windows, seqlen]
+    timings: dict[str, float]
+
+
+def prepare(run: RunConfig, calibrate: bool = True) -> Prepared:
+    """Load the model and tokenise the calibration and evaluation windows once."""
+    t = time.perf_counter()
+    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
+    timings = {"load_seconds": time.perf_counter() - t}
+    run = with_model_seqlen(run, model)
+    t = time.perf_counter()
+    calibration = None
+    if calibrate:
+        calibration = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
+    evaluation = {corpus: eval_windows(corpus, tokenizer, run.seqlen, run.data_dir) for corpus in run.eval}
+    timings["data_seconds"] = time.perf_counter() - t
+    return Prepared(run, model, tokenizer, calibration, evaluation, timings)
+
+
+def evaluate(model, prepared: Prepared, progress: bool = False, echo: Echo = None) -> dict[str, dict]:
+    """Perplexity on each prepared corpus -> {corpus: {perplexity, tokens, windows, seconds, tokens_per_second}}."""
+    run = prepared.run
     device = run.resolved_device
     results = {}
-    for corpus in run.eval:
-        windows = eval_windows(corpus, tokenizer, run.seqlen, run.data_dir)
+    for corpus, windows in prepared.evaluation.items():
         ppl = perplexity(model, windows, run.batch_size, device, layerwise=not fits_on_device(model, device),
                          progress=progress, desc=corpus)
         results[corpus] = {"perplexity": ppl.value, "tokens": ppl.tokens, "windows": ppl.windows,
@@ -116,51 +143,46 @@ def evaluate(model, tokenizer, run: RunConfig, progress: bool = False, echo: Ech
     return results
 
 
+def compress_and_evaluate(
+    model, prepared: Prepared, compression: CompressionConfig | None, progress: bool = False, echo: Echo = None,
+) -> tuple[dict, CompressionResult | None]:
+    """Compress ``model`` in place with ``compression`` (None: leave it dense), evaluate -> (record, result)."""
+    run = dataclasses.replace(prepared.run, compression=compression) if compression else prepared.run
+    timings = dict(prepared.timings)
+    result = None
+    if compression is not None:
+        bar = tqdm(total=None, desc="compress", unit="layer", disable=not progress, leave=False)
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = compress_model(model, prepared.calibration, compression, run.resolved_device, run.batch_size,
+                                progress=advance)
+        bar.close()
+        timings["compress_seconds"] = result.seconds
+        if echo:
+            echo(result.stats.format_summary())
+    t = time.perf_counter()
+    evaluation = evaluate(model, prepared, progress, echo)
+    timings["eval_seconds"] = time.perf_counter() - t
+    return make_record(run, result, evaluation, timings, dense=compression is None), result
+
+
 def compress(run: RunConfig, progress: bool = False, echo: Echo = None):
     """Load ``run.model``, compress it, evaluate it -> (model, tokenizer, record dict, CompressionResult).
 
     ``progress`` shows bars (layer i/n with ETA); ``echo`` receives the summary and perplexity lines.
     """
-    timings = {}
-    t = time.perf_counter()
-    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
-    timings["load_seconds"] = time.perf_counter() - t
-    run = with_model_seqlen(run, model)
-    device = run.resolved_device
-
-    t = time.perf_counter()
-    windows = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
-    timings["calibration_data_seconds"] = time.perf_counter() - t
-
-    bar = tqdm(total=None, desc="compress", unit="layer", disable=not progress)
-
-    def advance(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    result = compress_model(model, windows, run.compression, device, run.batch_size, progress=advance)
-    bar.close()
-    timings["compress_seconds"] = result.seconds
-    if echo:
-        echo(result.stats.format_summary())
-
-    t = time.perf_counter()
-    evaluation = evaluate(model, tokenizer, run, progress, echo)
-    timings["eval_seconds"] = time.perf_counter() - t
-    record = make_record(run, result, evaluation, timings)
-    return model, tokenizer, record, result
+    prepared = prepare(run)
+    record, result = compress_and_evaluate(prepared.model, prepared, run.compression, progress, echo)
+    return prepared.model, prepared.tokenizer, record, result
 
 
 def evaluate_saved(run: RunConfig, progress: bool = False, echo: Echo = None) -> dict:
     """Evaluate ``run.model`` (any model, or a --save directory, whose sidecar statistics are kept)."""
-    t = time.perf_counter()
-    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
-    timings = {"load_seconds": time.perf_counter() - t}
-    run = with_model_seqlen(run, model)
-    t = time.perf_counter()
-    evaluation = evaluate(model, tokenizer, run, progress, echo)
-    timings["eval_seconds"] = time.perf_counter() - t
-    record = make_record(run, None, evaluation, timings)
+    prepared = prepare(run, calibrate=False)
+    record, _ = compress_and_evaluate(prepared.model, prepared, None, progress, echo)
     sidecar = Path(run.model) / SIDECAR
     if sidecar.is_file():
         saved = json.loads(sidecar.read_text())
@@ -168,11 +190,19 @@ def evaluate_saved(run: RunConfig, progress: bool = False, echo: Echo = None) ->
     return record
 
 
-def make_record(run: RunConfig, result: CompressionResult | None, evaluation: dict, timings: dict) -> dict:
-    """The JSON a script reads: config, statistics, perplexities, timings, versions, device."""
+def make_record(
+    run: RunConfig, result: CompressionResult | None, evaluation: dict, timings: dict, dense: bool = False,
+) -> dict:
+    """The JSON a script reads: config, statistics, perplexities, timings, versions, device.
+
+    ``config.compression`` is null for a dense (uncompressed) evaluation.
+    """
+    config = dataclasses.asdict(run)
+    if dense:
+        config["compression"] = None
     record = {
         "model": run.model,
-        "config": dataclasses.asdict(run),
+        "config": config,
         "environment": environment(run.resolved_device),
         "perplexity": {corpus: item["perplexity"] for corpus, item in evaluation.items()},
         "evaluation": evaluation,
