@@ -46,3 +46,10 @@ def test_summary_text_shape_and_json_roundtrip():
     again = CompressionStats.from_dict(json.loads(json.dumps(stats.to_dict())))
     assert again.format_summary() == text
     assert again.to_dict()["summary"]["channel_average_bits"] == 3.2
+
+
+def test_summary_in_chinese_has_the_guide_shape():
+    text = CompressionStats([layer("layers.0.mlp.up_proj", 4, 10, {2: 1, 8: 3})]).format_summary("zh")
+    assert "总通道数: 4" in text and "比特分布:" in text
+    assert "  2-bit:       1 通道 (25.00%)" in text
+    assert "平均比特数: 6.500" in text

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
     _option(c, "--output", default=None, help="write the run record as JSON here")
     _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
+    _option(c, "--lang", default="en", choices=("en", "zh"), help="language of the printed summary")
     _misc_options(c)
 
     e = sub.add_parser("eval", help="perplexity of a model or of a --save directory")
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "compress":
         _check_writable("--output", args.output, args.overwrite)
         _check_writable("--save", args.save, args.overwrite, folder=True)
-        model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show)
+        model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show,
+                                                             lang=args.lang)
         if args.save:
             pipeline.save_compressed(model, tokenizer, args.save, record, result.bits)
     elif args.command == "eval":

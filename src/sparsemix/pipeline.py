@@ -145,6 +145,7 @@ def evaluate(model, prepared: Prepared, progress: bool = False, echo: Echo = Non
 
 def compress_and_evaluate(
     model, prepared: Prepared, compression: CompressionConfig | None, progress: bool = False, echo: Echo = None,
+    lang: str = "en",
 ) -> tuple[dict, CompressionResult | None]:
     """Compress ``model`` in place with ``compression`` (None: leave it dense), evaluate -> (record, result)."""
     run = dataclasses.replace(prepared.run, compression=compression) if compression else prepared.run
@@ -162,20 +163,20 @@ def compress_and_evaluate(
         bar.close()
         timings["compress_seconds"] = result.seconds
         if echo:
-            echo(result.stats.format_summary())
+            echo(result.stats.format_summary(lang))
     t = time.perf_counter()
     evaluation = evaluate(model, prepared, progress, echo)
     timings["eval_seconds"] = time.perf_counter() - t
     return make_record(run, result, evaluation, timings, dense=compression is None), result
 
 
-def compress(run: RunConfig, progress: bool = False, echo: Echo = None):
+def compress(run: RunConfig, progress: bool = False, echo: Echo = None, lang: str = "en"):
     """Load ``run.model``, compress it, evaluate it -> (model, tokenizer, record dict, CompressionResult).
 
     ``progress`` shows bars (layer i/n with ETA); ``echo`` receives the summary and perplexity lines.
     """
     prepared = prepare(run)
-    record, result = compress_and_evaluate(prepared.model, prepared, run.compression, progress, echo)
+    record, result = compress_and_evaluate(prepared.model, prepared, run.compression, progress, echo, lang)
     return prepared.model, prepared.tokenizer, record, result
 
 

@@ -384,8 +384,10 @@ def _label_points(ax, labels: dict[tuple[float, float], str], fontsize: float = 
         while any(left < r and l < right and abs(py + lift - b) < line for l, b, r in placed):
             lift += line
         placed.append((left, py + lift, right))
+        moved = lift > line  # a label pushed away from its point gets a leader line back to it
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4 if flip else 4, lift * 72 / dpi),
-                    ha="right" if flip else "left", fontsize=fontsize)
+                    ha="right" if flip else "left", fontsize=fontsize,
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if moved else None)
 
 
 def _first_corpus(records: list[dict], corpus: str | None) -> str:
@@ -421,7 +423,7 @@ def plot_perplexity_vs_bits(records: list[dict], out_stem, corpus: str | None = 
         if method_of(r) == "dense" and corpus in r.get("perplexity", {}):
             ppl = r["perplexity"][corpus]
             plotted.append(ppl)
-            ax.axhline(ppl, color="0.3", linestyle="--", linewidth=1, label=f"{r.get('name', 'dense')} (fp16): {ppl:.2f}")
+            ax.axhline(ppl, color="0.3", linestyle="--", linewidth=1, label=f"{r.get('name', 'dense')}, uncompressed: {ppl:.2f}")
     if log_y and plotted:
         _log_y(ax, plotted)
     ax.margins(x=0.08)

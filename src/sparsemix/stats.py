@@ -130,19 +130,19 @@ class CompressionStats:
             layers.append(LayerStats(**item))
         return cls(layers)
 
-    def format_summary(self) -> str:
-        """The printed summary, in the shape users of the original tool already read."""
-        lines = ["Quantization statistics summary", f"Total channels: {self.total_channels}", "Bit distribution:"]
+    def format_summary(self, lang: str = "en") -> str:
+        """The printed summary, in the shape users of the original tool already read (en or zh)."""
+        t = SUMMARY_LABELS[lang]
+        lines = [t["title"], f"{t['channels']}: {self.total_channels}", f"{t['distribution']}:"]
         total = max(self.total_channels, 1)
         for b, c in self.channels_per_bit.items():
-            lines.append(f"  {b}-bit: {c:>7} channels ({100 * c / total:.2f}%)")
+            lines.append(f"  {b}-bit: {c:>7} {t['unit']} ({100 * c / total:.2f}%)")
         lines += [
-            f"Average bits: {self.channel_average_bits:.3f} (channel average)",
-            f"Parameter-weighted bits: {self.parameter_weighted_bits:.3f}",
-            f"Effective bits per weight: {self.effective_bits_per_weight:.3f}"
-            " (codes + fp16 scales/zeros + sparsity metadata)",
-            f"Sparsity: {100 * self.sparsity:.2f}%",
-            "Per layer:",
+            f"{t['average']}: {self.channel_average_bits:.3f} ({t['channel_average']})",
+            f"{t['weighted']}: {self.parameter_weighted_bits:.3f}",
+            f"{t['effective']}: {self.effective_bits_per_weight:.3f} ({t['effective_note']})",
+            f"{t['sparsity']}: {100 * self.sparsity:.2f}%",
+            f"{t['per_layer']}:",
         ]
         for layer in self.layers:
             lines.append(
@@ -151,3 +151,16 @@ class CompressionStats:
                 f" sparsity={100 * layer.sparsity:.1f}%, loss={layer.obs_loss:.4g}"
             )
         return "\n".join(lines)
+
+
+SUMMARY_LABELS = {
+    "en": {"title": "Quantization statistics summary", "channels": "Total channels", "distribution": "Bit distribution",
+           "unit": "channels", "average": "Average bits", "channel_average": "channel average",
+           "weighted": "Parameter-weighted bits", "effective": "Effective bits per weight",
+           "effective_note": "codes + fp16 scales/zeros + sparsity metadata", "sparsity": "Sparsity",
+           "per_layer": "Per layer"},
+    "zh": {"title": "量化统计摘要", "channels": "总通道数", "distribution": "比特分布", "unit": "通道",
+           "average": "平均比特数", "channel_average": "按通道平均", "weighted": "按参数加权平均比特",
+           "effective": "每权重有效比特", "effective_note": "编码 + fp16 缩放/零点 + 稀疏元数据",
+           "sparsity": "稀疏度", "per_layer": "每层统计"},
+}
