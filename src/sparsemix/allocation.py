@@ -148,3 +148,50 @@ def _close_gap(counts: list[int], options: tuple[int, ...], diff: int) -> list[i
 def average_bits(bits: torch.Tensor) -> float:
     """Channel-average bits of a bit vector."""
     return float(bits.to(torch.float64).mean()) if bits.numel() else math.nan
+
+
+def knapsack(loss: torch.Tensor, cost: torch.Tensor, budget: float, max_fill_steps: int = 100_000) -> torch.Tensor:
+    """Multiple-choice knapsack: one option per row minimising sum loss[i, k_i] with sum cost[i, k_i] <= budget.
+
+    loss, cost [rows, K] -> chosen option index [rows] (int64). Lagrangian relaxation: for a
+    price lam each row takes argmin_k loss + lam * cost; lam is bisected to the cheapest price
+    that fits the budget; the budget left is then spent greedily, one row upgrade at a time,
+    on the upgrade that removes the most loss per unit of cost while it still fits.
+    If even the cheapest option of every row exceeds the budget, those are returned.
+    """
+    loss, cost = loss.double().cpu(), cost.double().cpu()
+    rows = torch.arange(loss.shape[0])
+
+    def pick(lam: float) -> torch.Tensor:
+        # ties in loss + lam * cost go to the cheaper option
+        return torch.argmin(loss + lam * cost + 1e-12 * cost, dim=1)
+
+    def spent(choice: torch.Tensor) -> float:
+        return float(cost[rows, choice].sum())
+
+    cheapest = torch.argmin(cost, dim=1)
+    if spent(cheapest) > budget:
+        return cheapest
+    lo, hi = 0.0, 1.0
+    while spent(pick(hi)) > budget:
+        lo, hi = hi, hi * 4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if spent(pick(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    choice = pick(hi)
+    left = budget - spent(choice)
+    for _ in range(max_fill_steps):
+        extra = cost - cost[rows, choice][:, None]
+        gain = loss[rows, choice][:, None] - loss
+        fits = (extra > 0) & (extra <= left + 1e-9) & (gain > 0)
+        if not fits.any():
+            break
+        ratio = torch.where(fits, gain / extra.clamp(min=1e-12), torch.full_like(gain, -1.0))
+        best = int(torch.argmax(ratio))
+        i, k = divmod(best, loss.shape[1])
+        left -= float(extra[i, k])
+        choice[i] = k
+    return choice

@@ -65,6 +65,19 @@ def _prune_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--prunem", type=int, default=0, help="M of N:M, e.g. 4")
 
 
+def _optimal_options(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "--allocation-scope", default="layer", choices=("layer", "model"),
+            help="optimal: one budget per linear (default) or one for the whole model")
+    _option(parser, "--budget-unit", default=None, choices=("channel", "parameter", "effective"),
+            help="optimal: what --target-avg-bits counts (default: channel; parameter with --allocation-scope model)")
+    _option(parser, "--no-fisher", action="store_true", help="optimal: do not weight row losses by output Fisher")
+
+
+def _optimal_fields(args: argparse.Namespace) -> dict:
+    unit = args.budget_unit or ("parameter" if args.allocation_scope == "model" else "channel")
+    return {"scope": args.allocation_scope, "budget_unit": unit, "fisher": not args.no_fisher}
+
+
 def _misc_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--debug", action="store_true", help="show tracebacks")
     _option(parser, "--quiet", action="store_true", help="no progress bars")
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--bit-options", default="2,3,4,6,8", help="allowed widths, sorted (default 2,3,4,6,8)")
     _option(c, "--importance-weights", default=None,
             help="e.g. activation=0.3,hessian=0.2 (unnamed dimensions get 0; default 0.25/0.25/0.15/0.25/0.10)")
+    _optimal_options(c)
     _option(c, "--group-size", type=int, default=0, help="columns per scale/zero group (default 0: per row)")
     _option(c, "--sym", action="store_true", help="symmetric grids")
     _option(c, "--mse", action="store_true", help="search a clipping range per row")
@@ -124,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_options(sw)
     _option(sw, "--targets", type=_floats, default=(2.5, 3, 3.5, 4, 4.5, 5), help="average bits (default 2.5,3,3.5,4,4.5,5)")
     _option(sw, "--methods", default="quantile,budget,uniform", help="bit methods (default quantile,budget,uniform)")
+    _optimal_options(sw)
     _experiment_options(sw, "sparsemix-sweep")
     _misc_options(sw)
 
@@ -161,7 +176,7 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
         quant=QuantConfig(sym=args.sym, mse=args.mse, group_size=args.group_size),
         allocation=AllocationConfig(method=args.bit_method, target_avg_bits=args.target_avg_bits,
                                     wbits=args.wbits, bit_options=parse_bit_options(args.bit_options),
-                                    weights=weights),
+                                    weights=weights, **_optimal_fields(args)),
     )
 
 
@@ -199,7 +214,7 @@ def _experiment_configs(args: argparse.Namespace):
             AllocationConfig(method=method, target_avg_bits=None if method != "budget" else 4.0)  # validates the name
         for target in args.targets:
             AllocationConfig(method="quantile", target_avg_bits=target)  # validates the range
-        return experiments.sweep_configs(args.targets, methods, prune_config(args))
+        return experiments.sweep_configs(args.targets, methods, prune_config(args), **_optimal_fields(args))
     extra = {}
     for item in args.mix:
         name, sep, weights = item.partition(":")

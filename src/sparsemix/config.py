@@ -9,7 +9,9 @@ from dataclasses import dataclass, field, fields
 UNQUANTIZED_BITS = 16  # a row given 16 bits keeps its (pruned) float weights
 VALID_BITS = frozenset(range(1, 9)) | {UNQUANTIZED_BITS}
 DEFAULT_BIT_OPTIONS = (2, 3, 4, 6, 8)
-BIT_METHODS = ("uniform", "threshold3", "quantile", "budget")
+BIT_METHODS = ("uniform", "threshold3", "quantile", "budget", "optimal")
+ALLOCATION_SCOPES = ("layer", "model")
+BUDGET_UNITS = ("channel", "parameter", "effective")
 IMPORTANCE_DIMENSIONS = ("activation", "hessian", "weight", "output", "stability")
 
 
@@ -134,6 +136,9 @@ class AllocationConfig:
     threshold_high: float = 1.2  # threshold3: contribution above -> highest tier
     threshold_low: float = 0.5  # threshold3: contribution below -> lowest tier
     threshold_bits: tuple[int, int, int] = (2, 4, 8)
+    scope: str = "layer"  # optimal: one budget per linear, or one for the whole model
+    budget_unit: str = "channel"  # optimal: what target_avg_bits counts (see stats.py for the three figures)
+    fisher: bool = True  # optimal: weight row losses by the output channel's Fisher information
 
     def __post_init__(self):
         if self.method not in BIT_METHODS:
@@ -149,9 +154,13 @@ class AllocationConfig:
                 raise ConfigError(
                     f"threshold3 needs 0 <= low < high, got low={self.threshold_low} high={self.threshold_high}"
                 )
-        if self.method == "budget" and self.target_avg_bits is None:
-            raise ConfigError("bit method 'budget' needs a target; add --target-avg-bits, e.g. 4.0")
-        if self.target_avg_bits is not None:
+        if self.method in ("budget", "optimal") and self.target_avg_bits is None:
+            raise ConfigError(f"bit method {self.method!r} needs a target; add --target-avg-bits, e.g. 4.0")
+        if self.scope not in ALLOCATION_SCOPES:
+            raise ConfigError(f"unknown allocation scope {self.scope!r}; choose from {', '.join(ALLOCATION_SCOPES)}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ConfigError(f"unknown budget unit {self.budget_unit!r}; choose from {', '.join(BUDGET_UNITS)}")
+        if self.target_avg_bits is not None and self.budget_unit != "effective":
             lo, hi = min(self.bit_options), max(self.bit_options)
             if not lo <= self.target_avg_bits <= hi:
                 raise ConfigError(

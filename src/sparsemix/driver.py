@@ -16,94 +16,10 @@ from torch import nn
 from .calibration import collect_statistics
 from .config import CompressionConfig
 from .engine import compress_linear
-from .models import Adapter, adapter_for
+from .layerwise import capture_layer_inputs, run_layer
+from .models import adapter_for
+from .sensitivity import output_fisher, plan_model_bits
 from .stats import CompressionStats
-
-
-class _Stop(Exception):
-    pass
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records what the model passes it and returns its input."""
-
-    def __init__(self, index: int, last: int, inputs: list, kwargs: list):
-        super().__init__()
-        self.index, self.last, self.inputs, self.kwargs = index, last, inputs, kwargs
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder layers called with positional arguments are not supported")
-        if self.index == 0:
-            self.inputs.append(hidden_states)
-        self.kwargs[self.index].append(kwargs)
-        if self.index == self.last:
-            raise _Stop
-        return hidden_states
-
-
-@dataclass
-class LayerInputs:
-    """Hidden states entering the current layer (one tensor [batch, seq, hidden] per batch), and
-    the keyword arguments the model passes each layer for each batch (masks, rotary embeddings)."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[list[dict]]  # [layer][batch]
-
-
-def _outside_layers(model: nn.Module, adapter: Adapter):
-    """Parameters and buffers of the model that do not belong to a decoder layer."""
-    layers = adapter.layers(model)
-    inside = {id(t) for t in list(layers.parameters()) + list(layers.buffers())}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in inside:
-            yield t
-
-
-def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
-    """Embeddings, final norm, head and rotary tables to ``device``; decoder layers stay put."""
-    layers = adapter.layers(model)
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, nn.ModuleList())  # hide the layers while moving the rest
-    try:
-        model.to(device)
-    finally:
-        setattr(parent, attr, layers)
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str,
-) -> LayerInputs:
-    """Run ``windows`` [n, seqlen] through the embeddings; record each layer's call arguments."""
-    adapter = adapter_for(model)
-    layers = adapter.layers(model)
-    move_outside_layers(model, adapter, device)
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
-    recorders = nn.ModuleList(_Recorder(i, len(layers) - 1, hidden, kwargs) for i in range(len(layers)))
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, recorders)
-    try:
-        for batch in windows.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        setattr(parent, attr, layers)
-    return LayerInputs(hidden, kwargs)
-
-
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer applied to every batch; returns the new hidden states."""
-    outputs = []
-    for h, kw in zip(hidden, kwargs):
-        out = layer(h, **kw)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
 
 
 @dataclass
@@ -111,6 +27,17 @@ class CompressionResult:
     stats: CompressionStats
     bits: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [rows] widths
     seconds: float = 0.0
+
+
+def sensitivity_plan(model, windows, config: CompressionConfig, device, batch_size: int):
+    """For ``optimal``: (output Fisher per linear or {}, model-wide bit plan or {})."""
+    allocation = config.allocation
+    if allocation.method != "optimal":
+        return {}, {}
+    fisher = output_fisher(model, windows, batch_size, device) if allocation.fisher else {}
+    if allocation.scope != "model":
+        return fisher, {}
+    return fisher, plan_model_bits(model, windows, config, device, batch_size, fisher or None)
 
 
 @torch.no_grad()
@@ -127,6 +54,7 @@ def compress_model(
     start = time.perf_counter()
     adapter = adapter_for(model)
     layers = adapter.layers(model)
+    fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
     inputs = capture_layer_inputs(model, windows, batch_size, device)
     hidden = inputs.hidden
     result = CompressionResult(CompressionStats())
@@ -140,7 +68,8 @@ def compress_model(
                 run_layer(layer, hidden, inputs.kwargs[i])
             for name, linear in members.items():
                 full_name = f"layers.{i}.{name}"
-                compressed = compress_linear(full_name, linear.weight, in_stats[name], out_stats[name], config)
+                compressed = compress_linear(full_name, linear.weight, in_stats[name], out_stats[name], config,
+                                             bits=plan.get(full_name), row_weights=fisher.get(full_name))
                 linear.weight.copy_(compressed.weight.to(linear.weight.dtype))
                 result.stats.add(compressed.stats)
                 result.bits[full_name] = compressed.bits.to(torch.int8).cpu()

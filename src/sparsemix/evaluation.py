@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .driver import capture_layer_inputs, run_layer
+from .layerwise import capture_layer_inputs, run_layer
 from .models import adapter_for
 
 

@@ -38,6 +38,9 @@ def _compression(sparsity=0.5, method="uniform", target=None, wbits=16, **alloca
                                                          **allocation))
 
 
+MODEL_SCOPE = {"scope": "model", "budget_unit": "parameter"}
+
+
 def guide_preset() -> list[NamedConfig]:
     """The evaluation guide's comparison set, all at 50% unstructured sparsity."""
     return [
@@ -50,11 +53,15 @@ def guide_preset() -> list[NamedConfig]:
         NamedConfig("budget-4.0", _compression(method="budget", target=4.0)),
         NamedConfig("budget-3.5", _compression(method="budget", target=3.5)),
         NamedConfig("budget-4.5", _compression(method="budget", target=4.5)),
+        # sparsemix's own allocator (not in the guide): measured row losses x Fisher, one model-wide budget
+        NamedConfig("optimal-4.0", _compression(method="optimal", target=4.0, **MODEL_SCOPE)),
+        NamedConfig("optimal-3.5", _compression(method="optimal", target=3.5, **MODEL_SCOPE)),
     ]
 
 
 CONFIG_KEYS = {"name", "dense", "sparsity", "prunen", "prunem", "blocksize", "percdamp", "bit_method",
-               "target_avg_bits", "wbits", "bit_options", "importance_weights", "group_size", "sym", "mse"}
+               "target_avg_bits", "wbits", "bit_options", "importance_weights", "group_size", "sym", "mse",
+               "allocation_scope", "budget_unit", "fisher"}
 
 
 def config_from_mapping(item: dict) -> NamedConfig:
@@ -85,7 +92,8 @@ def config_from_mapping(item: dict) -> NamedConfig:
         AllocationConfig(method=item.get("bit_method", "quantile"), target_avg_bits=item.get("target_avg_bits"),
                          wbits=int(item.get("wbits", 4)),
                          bit_options=parse_bit_options(item.get("bit_options", "2,3,4,6,8")),
-                         weights=weights or ImportanceWeights()),
+                         weights=weights or ImportanceWeights(), scope=item.get("allocation_scope", "layer"),
+                         budget_unit=item.get("budget_unit", "channel"), fisher=bool(item.get("fisher", True))),
     )
     return NamedConfig(str(item["name"]), compression)
 
@@ -116,8 +124,11 @@ def _check_unique(configs: list[NamedConfig]) -> None:
         raise ConfigError(f"config name {duplicate!r} is used twice; give each config its own name")
 
 
-def sweep_configs(targets: Iterable[float], methods: Iterable[str], prune: PruneConfig) -> list[NamedConfig]:
-    """One config per (method, target); ``uniform`` takes the integer targets as its width."""
+def sweep_configs(
+    targets: Iterable[float], methods: Iterable[str], prune: PruneConfig, **optimal,
+) -> list[NamedConfig]:
+    """One config per (method, target); ``uniform`` takes the integer targets as its width;
+    ``optimal`` configs get the ``optimal`` fields (scope, budget_unit, fisher)."""
     configs = []
     for method in methods:
         for target in targets:
@@ -126,7 +137,8 @@ def sweep_configs(targets: Iterable[float], methods: Iterable[str], prune: Prune
                     allocation = AllocationConfig(method="uniform", wbits=int(target))
                     configs.append(NamedConfig(f"uniform-{int(target)}bit", CompressionConfig(prune, allocation=allocation)))
                 continue
-            allocation = AllocationConfig(method=method, target_avg_bits=float(target))
+            extra = optimal if method == "optimal" else {}
+            allocation = AllocationConfig(method=method, target_avg_bits=float(target), **extra)
             configs.append(NamedConfig(f"{method}-{target:g}", CompressionConfig(prune, allocation=allocation)))
     if not configs:
         raise ConfigError("the sweep is empty; uniform needs integer targets, e.g. --targets 3,4")

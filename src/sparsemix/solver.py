@@ -60,11 +60,13 @@ def inverse_hessian(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tup
 
 def sparsegpt_quantize(
     W: torch.Tensor, Hinv: torch.Tensor, bits: torch.Tensor,
-    prune: PruneConfig = PruneConfig(), quant: QuantConfig = QuantConfig(),
+    prune: PruneConfig = PruneConfig(), quant: QuantConfig = QuantConfig(), mask: torch.Tensor | None = None,
 ) -> SolveResult:
     """Prune and quantize ``W`` [rows, cols] given the damped inverse Hessian ``Hinv`` [cols, cols].
 
     ``bits`` [rows]: each row's width (16 = keep floats). Sparsity 0 is plain GPTQ.
+    ``mask`` [rows, cols] (True = prune) replaces the adaptive choice; given a mask, rows are
+    fully independent, so any subset of rows can be solved on its own.
     Dead input columns must already be zero in ``W``.
     """
     W = W.detach().to(torch.float32).clone()
@@ -88,14 +90,14 @@ def sparsegpt_quantize(
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not n and prune.sparsity > 0:  # adaptive mask: the block's k least salient weights
+        mask1 = torch.zeros_like(W1, dtype=torch.bool) if mask is None else mask[:, i1:i2].clone()
+        if mask is None and not n and prune.sparsity > 0:  # adaptive mask: the block's k least salient weights
             k = int(W1.numel() * prune.sparsity)
             saliency = (W1**2 / d**2).flatten()
             mask1.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
         for i in range(i2 - i1):
             w = W1[:, i]
-            if n and i % m == 0:  # N:M: the n least salient of the next m columns
+            if mask is None and n and i % m == 0:  # N:M: the n least salient of the next m columns
                 saliency = W1[:, i:i + m] ** 2 / d[i:i + m] ** 2
                 mask1.scatter_(1, i + torch.topk(saliency, n, dim=1, largest=False).indices, True)
             q = torch.where(mask1[:, i], torch.zeros_like(w), w)

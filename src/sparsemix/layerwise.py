@@ -1,0 +1,100 @@
+"""Running a model one decoder layer at a time.
+
+The calibration (or evaluation) windows go through the embeddings once while stand-ins record
+what the model passes each decoder layer (masks, rotary embeddings); each layer can then be
+run on its own, on whatever device, over the recorded inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import Adapter, adapter_for
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records what the model passes it and returns its input."""
+
+    def __init__(self, index: int, last: int, inputs: list, kwargs: list):
+        super().__init__()
+        self.index, self.last, self.inputs, self.kwargs = index, last, inputs, kwargs
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder layers called with positional arguments are not supported")
+        if self.index == 0:
+            self.inputs.append(hidden_states)
+        self.kwargs[self.index].append(kwargs)
+        if self.index == self.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current layer (one tensor [batch, seq, hidden] per batch), and
+    the keyword arguments the model passes each layer for each batch (masks, rotary embeddings)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]  # [layer][batch]
+
+
+def _outside_layers(model: nn.Module, adapter: Adapter):
+    """Parameters and buffers of the model that do not belong to a decoder layer."""
+    layers = adapter.layers(model)
+    inside = {id(t) for t in list(layers.parameters()) + list(layers.buffers())}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in inside:
+            yield t
+
+
+def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
+    """Embeddings, final norm, head and rotary tables to ``device``; decoder layers stay put."""
+    layers = adapter.layers(model)
+    parent_path, _, attr = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList())  # hide the layers while moving the rest
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str,
+) -> LayerInputs:
+    """Run ``windows`` [n, seqlen] through the embeddings; record each layer's call arguments."""
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    move_outside_layers(model, adapter, device)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+    recorders = nn.ModuleList(_Recorder(i, len(layers) - 1, hidden, kwargs) for i in range(len(layers)))
+    parent_path, _, attr = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, recorders)
+    try:
+        for batch in windows.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        setattr(parent, attr, layers)
+    return LayerInputs(hidden, kwargs)
+
+
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The layer applied to every batch; returns the new hidden states."""
+    outputs = []
+    for h, kw in zip(hidden, kwargs):
+        out = layer(h, **kw)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
