@@ -142,3 +142,14 @@ def test_layer_statistics():
     assert set(stats.bit_counts) == {2, 3, 4, 6, 8}
     assert stats.sparsity == 0.5 and stats.obs_loss > 0
     assert stats.importance_min < 1 < stats.importance_max
+
+
+def test_groups_spanning_several_blocks_keep_their_grid():
+    W, X, inputs, _ = layer(cols=256)
+    Hinv, _ = inverse_hessian(inputs.H, 0.01)
+    result = sparsegpt_quantize(W, Hinv, torch.full((64,), 2), PruneConfig(sparsity=0.5, blocksize=32),
+                                QuantConfig(group_size=128))
+    assert result.scale.shape == (64, 2)
+    for g in range(2):
+        block = result.weight[:, 128 * g:128 * (g + 1)]
+        assert all(row.unique().numel() <= 4 for row in block)

@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--group-size", type=int, default=0, help="columns per scale/zero group (default 0: per row)")
     _option(c, "--sym", action="store_true", help="symmetric grids")
     _option(c, "--mse", action="store_true", help="search a clipping range per row")
+    _option(c, "--no-fused", action="store_true", help="GPU: run the solver's column loop without CUDA graphs")
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
     _option(c, "--output", default=None, help="write the run record as JSON here")
     _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
@@ -177,6 +178,7 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
         allocation=AllocationConfig(method=args.bit_method, target_avg_bits=args.target_avg_bits,
                                     wbits=args.wbits, bit_options=parse_bit_options(args.bit_options),
                                     weights=weights, **_optimal_fields(args)),
+        fused=not args.no_fused,
     )
 
 

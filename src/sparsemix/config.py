@@ -188,6 +188,7 @@ class CompressionConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    fused: bool = True  # GPU: each block's column loop as one CUDA graph (False: the plain loop, for checks)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

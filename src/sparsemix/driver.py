@@ -7,6 +7,7 @@ be on the device, so models larger than the GPU stay on the CPU.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,7 @@ class CompressionResult:
     stats: CompressionStats
     bits: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [rows] widths
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: sensitivity, forward, solve, other
 
 
 def sensitivity_plan(model, windows, config: CompressionConfig, device, batch_size: int):
@@ -51,31 +53,60 @@ def compress_model(
     ``progress(i, n)`` is called after layer i of n. Layers move to ``device`` one at a time
     and back to where they were.
     """
-    start = time.perf_counter()
+    clock = PhaseClock(device)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
-    fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
-    inputs = capture_layer_inputs(model, windows, batch_size, device)
+    with clock("sensitivity"):
+        fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
+    with clock("forward"):
+        inputs = capture_layer_inputs(model, windows, batch_size, device)
     hidden = inputs.hidden
     result = CompressionResult(CompressionStats())
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
-        layer.to(device)
+        with clock("other"):
+            layer.to(device)
         linears = adapter.linears(layer)
         for group in adapter.sequential:
             members = {name: linears[name] for name in group}
-            with collect_statistics(members, shared_inputs=[group]) as (in_stats, out_stats):
+            with clock("forward"), collect_statistics(members, shared_inputs=[group]) as (in_stats, out_stats):
                 run_layer(layer, hidden, inputs.kwargs[i])
             for name, linear in members.items():
                 full_name = f"layers.{i}.{name}"
-                compressed = compress_linear(full_name, linear.weight, in_stats[name], out_stats[name], config,
-                                             bits=plan.get(full_name), row_weights=fisher.get(full_name))
+                with clock("solve"):
+                    compressed = compress_linear(full_name, linear.weight, in_stats[name], out_stats[name], config,
+                                                 bits=plan.get(full_name), row_weights=fisher.get(full_name))
                 linear.weight.copy_(compressed.weight.to(linear.weight.dtype))
                 result.stats.add(compressed.stats)
                 result.bits[full_name] = compressed.bits.to(torch.int8).cpu()
-        hidden = run_layer(layer, hidden, inputs.kwargs[i])
-        layer.to(home)
+        with clock("forward"):
+            hidden = run_layer(layer, hidden, inputs.kwargs[i])
+        with clock("other"):
+            layer.to(home)
         if progress:
             progress(i + 1, len(layers))
-    result.seconds = time.perf_counter() - start
+    result.phases = clock.seconds
+    result.seconds = clock.total()
     return result
+
+
+class PhaseClock:
+    """Wall seconds per phase (forward/statistics, solve, ...), synchronising the GPU at each edge."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - begin
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start

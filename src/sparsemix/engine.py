@@ -45,10 +45,11 @@ def row_loss_table(W: torch.Tensor, Hinv: torch.Tensor, config: CompressionConfi
     at 6 and 8 bits correlation > 0.99 within 5%).
     """
     rows = W.shape[0]
-    at = {4: sparsegpt_quantize(W, Hinv, torch.full((rows,), 4), config.prune, config.quant)}
+    at = {4: sparsegpt_quantize(W, Hinv, torch.full((rows,), 4), config.prune, config.quant, fused=config.fused)}
     mask = at[4].pruned
     for b in (2, 16):
-        at[b] = sparsegpt_quantize(W, Hinv, torch.full((rows,), b), config.prune, config.quant, mask=mask)
+        at[b] = sparsegpt_quantize(W, Hinv, torch.full((rows,), b), config.prune, config.quant, mask=mask,
+                                   fused=config.fused)
     pruning = at[16].row_losses.double().cpu()
     rounding = {b: (at[b].row_losses.double().cpu() - pruning).clamp(min=1e-30) for b in (2, 4)}
 
@@ -87,7 +88,8 @@ def assemble(table: LossTable, W: torch.Tensor, Hinv: torch.Tensor, bits: torch.
         scale[rows], zero[rows] = sweep.scale[rows], sweep.zero[rows]
         todo &= ~rows
     if todo.any():
-        rest = sparsegpt_quantize(W[todo], Hinv, bits[todo], config.prune, config.quant, mask=table.mask[todo])
+        rest = sparsegpt_quantize(W[todo], Hinv, bits[todo], config.prune, config.quant, mask=table.mask[todo],
+                                  fused=config.fused)
         weight[todo], row_losses[todo], scale[todo], zero[todo] = rest.weight, rest.row_losses, rest.scale, rest.zero
     return SolveResult(weight, table.mask, row_losses, scale, zero)
 
@@ -158,7 +160,7 @@ def compress_linear(
     if table is not None:
         solved = assemble(table, W, Hinv, bits, config)
     else:
-        solved = sparsegpt_quantize(W, Hinv, bits.to(W.device), config.prune, config.quant)
+        solved = sparsegpt_quantize(W, Hinv, bits.to(W.device), config.prune, config.quant, fused=config.fused)
     if W.is_cuda:
         torch.cuda.synchronize()
     stats = LayerStats(

@@ -162,6 +162,9 @@ def compress_and_evaluate(
                                 progress=advance)
         bar.close()
         timings["compress_seconds"] = result.seconds
+        timings["compress_phases"] = result.phases
+        if torch.device(run.resolved_device).type == "cuda":
+            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if echo:
             echo(result.stats.format_summary(lang))
     t = time.perf_counter()
