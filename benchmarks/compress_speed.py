@@ -6,6 +6,9 @@ Runs (each on a fresh copy of the dense model, one shared calibration set):
   solver-check      fused (CUDA graph) vs plain column loop on random layers: max |difference|
   budget4-fused     50% + budget 4.0, the fast path            (issue 6 target: <= 8 s on an H100)
   budget4-plain     50% + budget 4.0, the straightforward path  (perplexity must agree within 0.5%)
+  budget4-tf32, budget4-bf16, budget4-bf16-onepass
+                    the fast path with TF32 / bf16-autocast calibration forwards, and with one
+                    forward per layer instead of one per group
   uniform4          50% + uniform 4-bit
   optimal4-model    50% + optimal 4.0, model scope, parameter-weighted budget
   optimal35-model   50% + optimal 3.5, model scope
@@ -36,6 +39,12 @@ RUNS = {
     "budget4-fused": CompressionConfig(PRUNE, allocation=AllocationConfig(method="budget", target_avg_bits=4.0)),
     "budget4-plain": CompressionConfig(PRUNE, allocation=AllocationConfig(method="budget", target_avg_bits=4.0),
                                        fused=False),
+    "budget4-tf32": CompressionConfig(PRUNE, allocation=AllocationConfig(method="budget", target_avg_bits=4.0),
+                                      forward_precision="tf32"),
+    "budget4-bf16": CompressionConfig(PRUNE, allocation=AllocationConfig(method="budget", target_avg_bits=4.0),
+                                      forward_precision="bf16"),
+    "budget4-bf16-onepass": CompressionConfig(PRUNE, allocation=AllocationConfig(method="budget", target_avg_bits=4.0),
+                                              forward_precision="bf16", true_sequential=False),
     "uniform4": CompressionConfig(PRUNE, allocation=AllocationConfig(method="uniform", wbits=4)),
     "optimal4-model": CompressionConfig(PRUNE, allocation=AllocationConfig(method="optimal", target_avg_bits=4.0, **MODEL)),
     "optimal35-model": CompressionConfig(PRUNE, allocation=AllocationConfig(method="optimal", target_avg_bits=3.5, **MODEL)),

@@ -157,3 +157,18 @@ def test_default_seqlen_is_capped_by_the_model(tiny_model_dirs):
     assert with_model_seqlen(RunConfig(seqlen=64), model).seqlen == 64
     with pytest.raises(ConfigError, match="exceeds the model's maximum of 128"):
         with_model_seqlen(RunConfig(seqlen=256), model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_forward_per_layer_is_close_to_true_sequential(family, tiny_model_dirs, tiny_data_dir):
+    results = {}
+    for sequential in (True, False):
+        model, tokenizer = load_model(tiny_model_dirs[family])
+        calib = calibration_windows("c4", tokenizer, 8, 32, 0, tiny_data_dir)
+        config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="uniform", wbits=4),
+                                   true_sequential=sequential)
+        stats = compress_model(model, calib, config, batch_size=4).stats
+        windows = eval_windows("wikitext2", tokenizer, 32, tiny_data_dir)[:6]
+        results[sequential] = (perplexity(model, windows).value, [layer.name for layer in stats.layers])
+    assert results[True][1] == results[False][1]  # same linears, same order
+    assert results[True][0] == pytest.approx(results[False][0], rel=0.02)

@@ -63,13 +63,15 @@ def collect_statistics(
     """Hooks on ``linears`` while the block runs; yields (inputs, outputs) by linear name.
 
     Names listed together in ``shared_inputs`` read the same tensor (q/k/v, gate/up) and
-    share one ``InputStatistics`` object, updated once per forward.
+    share one ``InputStatistics`` object, updated once per forward (groups naming linears not
+    in ``linears`` are ignored).
     """
     inputs: dict[str, InputStatistics] = {}
     outputs: dict[str, OutputStatistics] = {}
     handles = []
     owner = {}
-    for names in [list(group) for group in shared_inputs] + [[n] for n in linears]:
+    shared = [list(group) for group in shared_inputs if all(name in linears for name in group)]
+    for names in shared + [[n] for n in linears]:
         if names[0] in owner:
             continue
         stats = InputStatistics(linears[names[0]].in_features, linears[names[0]].weight.device)

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--sym", action="store_true", help="symmetric grids")
     _option(c, "--mse", action="store_true", help="search a clipping range per row")
     _option(c, "--no-fused", action="store_true", help="GPU: run the solver's column loop without CUDA graphs")
+    _option(c, "--forward-precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+            help="GPU: precision of the calibration forward passes (default fp32; the solver is always fp32)")
+    _option(c, "--no-true-sequential", action="store_true",
+            help="gather every linear's statistics in one forward per layer (faster, SparseGPT's default)")
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
     _option(c, "--output", default=None, help="write the run record as JSON here")
     _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
@@ -178,7 +182,8 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
         allocation=AllocationConfig(method=args.bit_method, target_avg_bits=args.target_avg_bits,
                                     wbits=args.wbits, bit_options=parse_bit_options(args.bit_options),
                                     weights=weights, **_optimal_fields(args)),
-        fused=not args.no_fused,
+        fused=not args.no_fused, forward_precision=args.forward_precision,
+        true_sequential=not args.no_true_sequential,
     )
 
 

@@ -12,6 +12,7 @@ DEFAULT_BIT_OPTIONS = (2, 3, 4, 6, 8)
 BIT_METHODS = ("uniform", "threshold3", "quantile", "budget", "optimal")
 ALLOCATION_SCOPES = ("layer", "model")
 BUDGET_UNITS = ("channel", "parameter", "effective")
+FORWARD_PRECISIONS = ("fp32", "tf32", "bf16")
 IMPORTANCE_DIMENSIONS = ("activation", "hessian", "weight", "output", "stability")
 
 
@@ -189,6 +190,13 @@ class CompressionConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     fused: bool = True  # GPU: each block's column loop as one CUDA graph (False: the plain loop, for checks)
+    forward_precision: str = "fp32"  # calibration forward passes on the GPU: fp32, tf32 or bf16 (autocast)
+    true_sequential: bool = True  # statistics of each group after the groups before it are compressed
+
+    def __post_init__(self):
+        if self.forward_precision not in FORWARD_PRECISIONS:
+            raise ConfigError(f"unknown forward precision {self.forward_precision!r};"
+                              f" choose from {', '.join(FORWARD_PRECISIONS)}")
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

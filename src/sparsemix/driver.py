@@ -7,7 +7,7 @@ be on the device, so models larger than the GPU stay on the CPU.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,7 +58,8 @@ def compress_model(
     layers = adapter.layers(model)
     with clock("sensitivity"):
         fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
-    with clock("forward"):
+    precision = forward_precision(config.forward_precision, device)
+    with clock("forward"), precision():
         inputs = capture_layer_inputs(model, windows, batch_size, device)
     hidden = inputs.hidden
     result = CompressionResult(CompressionStats())
@@ -67,9 +68,12 @@ def compress_model(
         with clock("other"):
             layer.to(device)
         linears = adapter.linears(layer)
-        for group in adapter.sequential:
-            members = {name: linears[name] for name in group}
-            with clock("forward"), collect_statistics(members, shared_inputs=[group]) as (in_stats, out_stats):
+        # true sequential: one forward per group, after the groups before it were compressed
+        passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
+        for names in passes:
+            members = {name: linears[name] for name in names}
+            with clock("forward"), precision(), \
+                    collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
                 run_layer(layer, hidden, inputs.kwargs[i])
             for name, linear in members.items():
                 full_name = f"layers.{i}.{name}"
@@ -79,7 +83,7 @@ def compress_model(
                 linear.weight.copy_(compressed.weight.to(linear.weight.dtype))
                 result.stats.add(compressed.stats)
                 result.bits[full_name] = compressed.bits.to(torch.int8).cpu()
-        with clock("forward"):
+        with clock("forward"), precision():
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         with clock("other"):
             layer.to(home)
@@ -88,6 +92,25 @@ def compress_model(
     result.phases = clock.seconds
     result.seconds = clock.total()
     return result
+
+
+def forward_precision(name: str, device):
+    """A context for the calibration forward passes: fp32, TF32 matmuls, or bf16 autocast (GPU only).
+    The solver always runs in fp32 with TF32 off."""
+    if torch.device(device).type != "cuda" or name == "fp32":
+        return nullcontext
+    if name == "bf16":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    @contextmanager
+    def tf32():
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    return tf32
 
 
 class PhaseClock:
