@@ -44,6 +44,8 @@ class OutputStatistics:
 
     def update(self, y: torch.Tensor) -> None:
         y = y.detach().reshape(-1, y.shape[-1]).to(self.mean.device, torch.float32)
+        if not torch.isfinite(y).all():
+            raise FloatingPointError("non-finite calibration output")
         total = self.tokens + y.shape[0]
         keep = self.tokens / total
         self.abs_mean.mul_(keep).add_(y.abs().sum(0), alpha=1.0 / total)
@@ -81,9 +83,12 @@ def collect_statistics(
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if owner[name] == name:
-                inputs[name].update(args[0])
-            outputs[name].update(output)
+            try:
+                if owner[name] == name:
+                    inputs[name].update(args[0])
+                outputs[name].update(output)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"{name}: {error}") from None
         return record
 
     for name, linear in linears.items():

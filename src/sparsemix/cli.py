@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import (
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="GPU: precision of the calibration forward passes (default fp32; the solver is always fp32)")
     _option(c, "--no-true-sequential", action="store_true",
             help="gather every linear's statistics in one forward per layer (faster, SparseGPT's default)")
+    _option(c, "--checkpoint-dir", default=None,
+            help="save the state after every decoder layer here; rerunning the same command resumes")
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
     _option(c, "--output", default=None, help="write the run record as JSON here")
     _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
@@ -193,21 +195,24 @@ def run_config(args: argparse.Namespace, compression: CompressionConfig | None =
     calibration = {"calib": args.calib, "nsamples": args.nsamples, "seed": args.seed} if hasattr(args, "calib") else {}
     return RunConfig(model=args.model, compression=compression or CompressionConfig(), eval=args.eval,
                      seqlen=args.seqlen, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                     data_dir=args.data_dir, **calibration)
+                     data_dir=args.data_dir, checkpoint_dir=getattr(args, "checkpoint_dir", None), **calibration)
 
 
-def _check_writable(flag: str, value: str | None, overwrite: bool, folder: bool = False) -> None:
-    """Refuse before hours of work, not after: existing outputs need --overwrite; paths must be writable."""
+def _check_writable(flag: str, value: str | None, overwrite: bool) -> None:
+    """Refuse before hours of work, not after: existing outputs need --overwrite, and the place
+    must really take a file (probed by writing one: permission bits alone do not tell root)."""
     if value is None:
         return
     path = Path(value)
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
         raise ConfigError(f"{flag} {value} already exists; pass --overwrite or choose another path")
-    probe = path if folder else path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"{flag} {value}: cannot write in {probe}; choose a writable path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sparsemix-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {value}: cannot write in {parent} ({error.strerror}); choose a writable path") from None
 
 
 def _experiment_configs(args: argparse.Namespace):
@@ -260,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     show = {"progress": not args.quiet, "echo": tqdm.write}
     if args.command == "compress":
         _check_writable("--output", args.output, args.overwrite)
-        _check_writable("--save", args.save, args.overwrite, folder=True)
+        _check_writable("--save", args.save, args.overwrite)
         model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show,
                                                              lang=args.lang)
         if args.save:
@@ -276,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             kind = args.kind
         else:
             configs = _experiment_configs(args)
-            _check_writable("--out", args.out, overwrite=True, folder=True)
+            _check_writable("--out", args.out, overwrite=True)
             try:
                 records = experiments.run_experiment(run_config(args), configs, args.out, args.force, **show)
             except KeyboardInterrupt:
@@ -302,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sparsemix: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:
+        if args.debug:
+            raise
+        print(f"sparsemix: numerical error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sparsemix: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .calibration import collect_statistics
+from .checkpoint import LayerCheckpoint, Resumed, run_key
 from .config import CompressionConfig
 from .engine import compress_linear
 from .layerwise import capture_layer_inputs, run_layer
@@ -46,35 +47,52 @@ def sensitivity_plan(model, windows, config: CompressionConfig, device, batch_si
 def compress_model(
     model: nn.Module, windows: torch.Tensor, config: CompressionConfig,
     device: torch.device | str = "cpu", batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, checkpoint_dir: str | None = None,
 ) -> CompressionResult:
     """Compress every decoder layer's linears in place with calibration ``windows`` [n, seqlen].
 
     ``progress(i, n)`` is called after layer i of n. Layers move to ``device`` one at a time
-    and back to where they were.
+    and back to where they were. With ``checkpoint_dir`` the state is saved after every layer
+    and a rerun of the same command resumes where the last one stopped, with the same result.
     """
     clock = PhaseClock(device)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
+    checkpoint = LayerCheckpoint(checkpoint_dir, run_key(config, windows, len(layers))) if checkpoint_dir else None
+    resumed = checkpoint.load() if checkpoint else Resumed()
     with clock("sensitivity"):
-        fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
+        if resumed.sensitivity is not None:  # computed on the dense model: never on a half-compressed one
+            fisher, plan = resumed.sensitivity
+        else:
+            fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
+            if checkpoint and config.allocation.method == "optimal":
+                checkpoint.save_sensitivity(fisher, plan)
     precision = forward_precision(config.forward_precision, device)
     with clock("forward"), precision():
         inputs = capture_layer_inputs(model, windows, batch_size, device)
     hidden = inputs.hidden
-    result = CompressionResult(CompressionStats())
+    result = CompressionResult(resumed.stats, dict(resumed.bits))
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         with clock("other"):
             layer.to(device)
+        if i < resumed.layers_done:  # finished before: restore it and recompute its outputs
+            layer.load_state_dict(checkpoint.layer_weights(i))
+            with clock("forward"), precision():
+                hidden = run_layer(layer, hidden, inputs.kwargs[i])
+            layer.to(home)
+            continue
         linears = adapter.linears(layer)
         # true sequential: one forward per group, after the groups before it were compressed
         passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
         for names in passes:
             members = {name: linears[name] for name in names}
-            with clock("forward"), precision(), \
-                    collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
-                run_layer(layer, hidden, inputs.kwargs[i])
+            try:
+                with clock("forward"), precision(), \
+                        collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
+                    run_layer(layer, hidden, inputs.kwargs[i])
+            except FloatingPointError as error:  # name the layer where the numbers went bad
+                raise FloatingPointError(f"layers.{i}.{error}; the run stops here") from None
             for name, linear in members.items():
                 full_name = f"layers.{i}.{name}"
                 with clock("solve"):
@@ -87,6 +105,8 @@ def compress_model(
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         with clock("other"):
             layer.to(home)
+            if checkpoint:
+                checkpoint.save_layer(i, layer, result.stats, result.bits)
         if progress:
             progress(i + 1, len(layers))
     result.phases = clock.seconds

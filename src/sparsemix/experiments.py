@@ -169,7 +169,7 @@ def data_fingerprint(run: RunConfig) -> dict:
 
 def cache_key(run: RunConfig, named: NamedConfig) -> str:
     settings = dataclasses.asdict(dataclasses.replace(run, compression=CompressionConfig()))
-    for volatile in ("compression", "device", "batch_size", "data_dir"):
+    for volatile in ("compression", "device", "batch_size", "data_dir", "checkpoint_dir"):
         settings.pop(volatile)
     payload = {
         "version": __version__, "run": settings, "data": data_fingerprint(run),

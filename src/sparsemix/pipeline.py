@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 8
     data_dir: str | None = None
+    checkpoint_dir: str | None = None  # save after every decoder layer; rerun to resume
 
     def __post_init__(self):
         if self.calib not in CORPORA:
@@ -159,7 +161,7 @@ def compress_and_evaluate(
             bar.update(done - bar.n)
 
         result = compress_model(model, prepared.calibration, compression, run.resolved_device, run.batch_size,
-                                progress=advance)
+                                progress=advance, checkpoint_dir=run.checkpoint_dir)
         bar.close()
         timings["compress_seconds"] = result.seconds
         timings["compress_phases"] = result.phases
@@ -239,11 +241,29 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
 
 def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict, bits: dict) -> None:
     """A checkpoint ``AutoModelForCausalLM.from_pretrained(directory)`` loads, plus the sidecars:
-    ``sparsemix.json`` (the run record) and ``sparsemix_bits.safetensors`` (bit width per row)."""
+    ``sparsemix.json`` (the run record) and ``sparsemix_bits.safetensors`` (bit width per row).
+
+    Written into a temporary folder beside ``directory`` and renamed into place, so an interrupted
+    save leaves the previous folder (or none), never half of one.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    save_file({name: b.contiguous() for name, b in bits.items()}, str(directory / BITS_FILE))
-    write_json(directory / SIDECAR, record)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        save_file({name: b.contiguous() for name, b in bits.items()}, str(staging / BITS_FILE))
+        write_json(staging / SIDECAR, record)
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
