@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 
 from sparsemix.config import AllocationConfig, CompressionConfig, PruneConfig
 from sparsemix.driver import compress_model
+from sparsemix.models import adapter_for
 
 SHAPES = {  # the published OPT configurations
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -62,7 +63,7 @@ def main() -> None:
             "layers": SHAPES[shape]["num_hidden_layers"], "hidden": SHAPES[shape]["hidden_size"],
             "calibration_tokens": args.nsamples * args.seqlen, "compress_seconds": result.seconds,
             "phases": result.phases, "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-            "model_device": str(next(model.parameters()).device), "build_seconds": build,
+            "layers_device": str(next(adapter_for(model).layers(model).parameters()).device), "build_seconds": build,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         }
         line = json.dumps(record)
