@@ -23,9 +23,6 @@ class LinearResult:
     stats: LayerStats
 
 
-MEASURED_BITS = (2, 4, 16)  # widths whose row losses are measured; the others are interpolated
-
-
 @dataclass
 class LossTable:
     """Row losses at every bit option [rows, K], and the sweeps they were measured from."""
