@@ -134,13 +134,13 @@ def test_save_is_atomic(tiny_model_dirs, tiny_data_dir, tmp_path, monkeypatch):
 
 
 def test_json_output_is_atomic(tmp_path, monkeypatch):
-    from sparsemix import pipeline
+    from sparsemix.files import write_json
 
     path = tmp_path / "r.json"
-    pipeline.write_json(path, {"a": 1})
+    write_json(path, {"a": 1})
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        pipeline.write_json(path, {"a": 2})
+        write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

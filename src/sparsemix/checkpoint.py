@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CompressionConfig, ConfigError
+from .files import write_via_temp
 from .stats import CompressionStats
 
 PROGRESS = "progress.json"
@@ -29,17 +29,6 @@ def run_key(config: CompressionConfig, windows: torch.Tensor, layers: int) -> st
     digest.update(windows.cpu().contiguous().numpy().tobytes())
     digest.update(str(layers).encode())
     return digest.hexdigest()[:16]
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -77,12 +66,12 @@ class LayerCheckpoint:
         return load_file(str(self.directory / f"layer_{index}.safetensors"))
 
     def save_sensitivity(self, fisher: dict, plan: dict) -> None:
-        _atomic(self.directory / "sensitivity.pt", lambda tmp: torch.save((fisher, plan), tmp))
+        write_via_temp(self.directory / "sensitivity.pt", lambda tmp: torch.save((fisher, plan), tmp))
 
     def save_layer(self, index: int, layer: torch.nn.Module, stats: CompressionStats, bits: dict) -> None:
         """After layer ``index``: its weights, then the bits and statistics so far, then the progress mark."""
         weights = {name: t.detach().cpu().contiguous() for name, t in layer.state_dict().items()}
-        _atomic(self.directory / f"layer_{index}.safetensors", lambda tmp: save_file(weights, tmp))
-        _atomic(self.directory / "bits.safetensors", lambda tmp: save_file(dict(bits), tmp))
+        write_via_temp(self.directory / f"layer_{index}.safetensors", lambda tmp: save_file(weights, tmp))
+        write_via_temp(self.directory / "bits.safetensors", lambda tmp: save_file(dict(bits), tmp))
         progress = {"key": self.key, "layers_done": index + 1, "layers": stats.to_dict()["layers"]}
-        _atomic(self.directory / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(progress)))
+        write_via_temp(self.directory / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(progress)))

@@ -16,6 +16,7 @@ from .config import (
     QuantConfig, parse_bit_options,
 )
 from .data import CORPORA, CorpusNotFoundError
+from .files import write_json
 from .models import DEFAULT_MODEL, ModelNotFoundError, UnsupportedModelError
 
 USER_ERRORS = (ConfigError, CorpusNotFoundError, ModelNotFoundError, UnsupportedModelError)
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     if args.output:
-        pipeline.write_json(args.output, record)
+        write_json(args.output, record)
     return 0
 
 

@@ -128,6 +128,14 @@ def optimal_bits(table: torch.Tensor, rows: int, cols: int, groups: int, config:
     return torch.tensor(config.allocation.bit_options)[choice]
 
 
+def solvable_weight(weight: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 copy of ``weight`` with dead input columns zeroed, damped H^-1): what the sweeps take."""
+    W = weight.detach().to(torch.float32).clone()
+    Hinv, dead = inverse_hessian(H, percdamp)
+    W[:, dead] = 0
+    return W, Hinv
+
+
 def compress_linear(
     name: str, weight: torch.Tensor, inputs: InputStatistics, outputs: OutputStatistics,
     config: CompressionConfig, bits: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
@@ -138,11 +146,9 @@ def compress_linear(
     ``row_weights`` [rows] scale each row's loss for ``optimal`` (the output channel's Fisher).
     """
     start = time.perf_counter()
-    W = weight.detach().to(torch.float32).clone()
-    if not torch.isfinite(W).all():
+    if not torch.isfinite(weight).all():
         raise FloatingPointError(f"{name}: weight has non-finite values")
-    Hinv, dead = inverse_hessian(inputs.H, config.prune.percdamp)
-    W[:, dead] = 0
+    W, Hinv = solvable_weight(weight, inputs.H, config.prune.percdamp)
     rows, cols = W.shape
     dims = importance_dimensions(W, torch.diag(Hinv), inputs, outputs)
     score = allocation_score(dims, config.allocation)

@@ -23,7 +23,7 @@ class Perplexity:
     tokens_per_second: float  # tokens run through the model (windows x seqlen) per second
 
 
-def _window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Summed NLL of predicting token t+1 from logits at t; logits [b, seq, vocab], windows [b, seq]."""
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1).to(logits.device),
@@ -55,12 +55,12 @@ def perplexity(
         for h, batch in zip(hidden, windows.split(batch_size)):
             for module in adapter.head(model):
                 h = module(h)
-            nll += _window_nll(h, batch).double().cpu()
+            nll += window_nll(h, batch).double().cpu()
     else:
         model.to(device)
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             logits = model(batch.to(device), use_cache=False).logits
-            nll += _window_nll(logits, batch).double().cpu()
+            nll += window_nll(logits, batch).double().cpu()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

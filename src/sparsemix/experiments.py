@@ -23,7 +23,8 @@ from .config import (
     QuantConfig, parse_bit_options,
 )
 from .data import resolve_data_dir
-from .pipeline import Echo, Prepared, RunConfig, compress_and_evaluate, prepare, write_json
+from .files import write_json
+from .pipeline import Echo, Prepared, RunConfig, compress_and_evaluate, prepare
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ run on its own, on whatever device, over the recorded inputs.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,25 +46,23 @@ class LayerInputs:
     kwargs: list[list[dict]]  # [layer][batch]
 
 
-def _outside_layers(model: nn.Module, adapter: Adapter):
-    """Parameters and buffers of the model that do not belong to a decoder layer."""
-    layers = adapter.layers(model)
-    inside = {id(t) for t in list(layers.parameters()) + list(layers.buffers())}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in inside:
-            yield t
+@contextmanager
+def _layers_replaced(model: nn.Module, adapter: Adapter, replacement: nn.ModuleList):
+    """The model with its decoder-layer list swapped for ``replacement`` until the block ends."""
+    parent_path, _, attr = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)
 
 
 def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
     """Embeddings, final norm, head and rotary tables to ``device``; decoder layers stay put."""
-    layers = adapter.layers(model)
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, nn.ModuleList())  # hide the layers while moving the rest
-    try:
+    with _layers_replaced(model, adapter, nn.ModuleList()):
         model.to(device)
-    finally:
-        setattr(parent, attr, layers)
 
 
 @torch.no_grad()
@@ -72,22 +71,17 @@ def capture_layer_inputs(
 ) -> LayerInputs:
     """Run ``windows`` [n, seqlen] through the embeddings; record each layer's call arguments."""
     adapter = adapter_for(model)
-    layers = adapter.layers(model)
+    count = len(adapter.layers(model))
     move_outside_layers(model, adapter, device)
     hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in layers]
-    recorders = nn.ModuleList(_Recorder(i, len(layers) - 1, hidden, kwargs) for i in range(len(layers)))
-    parent_path, _, attr = adapter.layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, recorders)
-    try:
+    kwargs: list[list[dict]] = [[] for _ in range(count)]
+    recorders = nn.ModuleList(_Recorder(i, count - 1, hidden, kwargs) for i in range(count))
+    with _layers_replaced(model, adapter, recorders):
         for batch in windows.split(batch_size):
             try:
                 model(batch.to(device), use_cache=False)
             except _Stop:
                 pass
-    finally:
-        setattr(parent, attr, layers)
     return LayerInputs(hidden, kwargs)
 
 

@@ -20,6 +20,7 @@ from .config import CompressionConfig, ConfigError
 from .data import CORPORA, calibration_windows, eval_windows
 from .driver import CompressionResult, compress_model
 from .evaluation import perplexity
+from .files import write_json
 from .models import DEFAULT_MODEL, load_model, max_sequence_length
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -217,26 +218,6 @@ def make_record(
     if result is not None:
         record.update(result.stats.to_dict())
     return record
-
-
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then rename over the target."""
-    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
-
-
-def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict, bits: dict) -> None:

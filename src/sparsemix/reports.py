@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
-from .pipeline import write_atomic, write_json
+from .files import write_atomic, write_json
 
 COLLAPSE_MIN_PERCENT = 1.0  # a tier counts if it holds at least this % of channels
 NO_DIFFERENTIATION_STD = 0.01  # bits; below this, layers are "all the same"

@@ -8,16 +8,15 @@ E[dy_i^2], so Fisher x row loss puts every row of every layer on one scale: the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibration import collect_statistics
 from .config import CompressionConfig
 from .layerwise import capture_layer_inputs, run_layer
 from .allocation import knapsack
-from .engine import budget_for, groups_of, option_costs, row_loss_table
+from .engine import budget_for, groups_of, option_costs, row_loss_table, solvable_weight
+from .evaluation import window_nll
 from .models import adapter_for
-from .solver import inverse_hessian
 
 
 def linear_names(model: nn.Module) -> dict[str, nn.Linear]:
@@ -61,9 +60,7 @@ def output_fisher(
                 batch = batch.to(device)
                 embeds = embed(batch).detach().requires_grad_(True)  # a graph through activations only
                 logits = model(inputs_embeds=embeds, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       batch[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
+                window_nll(logits, batch).backward()
                 tokens += batch[:, 1:].numel()
     finally:
         for handle in handles:
@@ -97,9 +94,7 @@ def plan_model_bits(
             outputs = run_layer(layer, hidden, inputs.kwargs[i])
         for name, linear in linears.items():
             full = f"layers.{i}.{name}"
-            W = linear.weight.detach().float().clone()
-            Hinv, dead = inverse_hessian(in_stats[name].H, config.prune.percdamp)
-            W[:, dead] = 0
+            W, Hinv = solvable_weight(linear.weight, in_stats[name].H, config.prune.percdamp)
             table = row_loss_table(W, Hinv, config).losses
             if fisher is not None:
                 table = table * fisher[full].double()[:, None]

@@ -1,0 +1,37 @@
+"""Atomic writes: every file goes to a temporary name in its folder and is renamed over the
+target, so an interruption leaves the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)`` fills the file (any writer that takes a path), then it is renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_via_temp(path, write)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
