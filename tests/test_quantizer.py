@@ -21,10 +21,11 @@ def test_each_row_uses_at_most_2_pow_b_levels_and_keeps_zero():
     assert (q[:, :50] == 0).all()
 
 
-def test_sixteen_bit_rows_pass_through():
+def test_sixteen_bit_rows_keep_their_fp16_values():
     w = torch.randn(3, 17)
     q = fake_quant(w, torch.tensor([16, 4, 16]))
-    assert torch.equal(q[0], w[0]) and torch.equal(q[2], w[2])
+    assert torch.equal(q[0], w[0].half().float()) and torch.equal(q[2], w[2].half().float())
+    assert not torch.equal(q[0], w[0])  # fp32 values do not survive: 16 bits are stored as fp16
     assert not torch.equal(q[1], w[1])
 
 

@@ -15,13 +15,19 @@ def layer(name, rows, cols, bit_counts, eff=4.0):
 def test_effective_bits_counts_codes_grids_and_metadata():
     bits = torch.tensor([4, 2])
     kept = torch.tensor([50, 50])  # 50% of 100 columns kept
-    # codes (4+2)*50 = 300, grids 2 rows * 1 group * 32 = 64, bitmask 200 -> 564 / 200 weights
-    assert effective_bits(bits, kept, 100, 1, PruneConfig(sparsity=0.5)) == pytest.approx(564 / 200)
+    # codes (4+2)*50 = 300, grids 2 rows * 1 group * 32 = 64, row order 2 * 1, bitmask 200 -> 566 / 200
+    assert effective_bits(bits, kept, 100, 1, PruneConfig(sparsity=0.5)) == pytest.approx(566 / 200)
     # 2:4: index of 2 kept per 4, 2 bits each -> 1 bit per weight, same as the bitmask here
-    assert effective_bits(bits, kept, 100, 1, PruneConfig(sparsity=0, prunen=2, prunem=4)) == pytest.approx(564 / 200)
+    assert effective_bits(bits, kept, 100, 1, PruneConfig(sparsity=0, prunen=2, prunem=4)) == pytest.approx(566 / 200)
     # dense, per-group grids (4 groups), no metadata
     dense = effective_bits(bits, torch.tensor([100, 100]), 100, 4, PruneConfig(sparsity=0))
-    assert dense == pytest.approx((600 + 2 * 4 * 32) / 200)
+    assert dense == pytest.approx((600 + 2 * 4 * 32 + 2) / 200)
+    # one width for every row: natural order, no permutation stored
+    same = effective_bits(torch.tensor([4] * 5), torch.tensor([10] * 5), 10, 1, PruneConfig(sparsity=0))
+    assert same == pytest.approx((200 + 5 * 32) / 50)
+    # five rows of two widths: ceil(log2 5) = 3 bits each
+    mixed = effective_bits(torch.tensor([4, 4, 4, 4, 2]), torch.tensor([10] * 5), 10, 1, PruneConfig(sparsity=0))
+    assert mixed == pytest.approx((180 + 5 * 32 + 15) / 50)
     # unquantized rows carry no grid
     assert effective_bits(torch.tensor([16]), torch.tensor([10]), 10, 1, PruneConfig(sparsity=0)) == 16
 

@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show,
                                                              lang=args.lang)
         if args.save:
-            pipeline.save_compressed(model, tokenizer, args.save, record, result.bits)
+            pipeline.save_compressed(model, tokenizer, args.save, record, result.bits, result.grids)
     elif args.command == "eval":
         _check_writable("--output", args.output, args.overwrite)
         record = pipeline.evaluate_saved(run_config(args), **show)

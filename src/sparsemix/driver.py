@@ -20,6 +20,7 @@ from .config import CompressionConfig
 from .engine import compress_linear
 from .layerwise import capture_layer_inputs, run_layer
 from .models import adapter_for
+from .packing import row_grids
 from .sensitivity import output_fisher, plan_model_bits
 from .stats import CompressionStats
 
@@ -28,6 +29,7 @@ from .stats import CompressionStats
 class CompressionResult:
     stats: CompressionStats
     bits: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> [rows] widths
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # packing.row_grids of every linear
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: sensitivity, forward, solve, other
 
@@ -71,7 +73,7 @@ def compress_model(
     with clock("forward"), precision():
         inputs = capture_layer_inputs(model, windows, batch_size, device)
     hidden = inputs.hidden
-    result = CompressionResult(resumed.stats, dict(resumed.bits))
+    result = CompressionResult(resumed.stats, dict(resumed.bits), dict(resumed.grids))
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         with clock("other"):
@@ -101,12 +103,13 @@ def compress_model(
                 linear.weight.copy_(compressed.weight.to(linear.weight.dtype))
                 result.stats.add(compressed.stats)
                 result.bits[full_name] = compressed.bits.to(torch.int8).cpu()
+                result.grids.update(row_grids(full_name, compressed.bits, compressed.solve))
         with clock("forward"), precision():
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         with clock("other"):
             layer.to(home)
             if checkpoint:
-                checkpoint.save_layer(i, layer, result.stats, result.bits)
+                checkpoint.save_layer(i, layer, result.stats, result.bits, result.grids)
         if progress:
             progress(i + 1, len(layers))
     result.phases = clock.seconds

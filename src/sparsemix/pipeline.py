@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SIDECAR = "sparsemix.json"
 Echo = Callable[[str], None] | None
 BITS_FILE = "sparsemix_bits.safetensors"
+GRIDS_FILE = "sparsemix_grids.safetensors"
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,11 @@ def make_record(
     return record
 
 
-def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict, bits: dict) -> None:
+def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict, bits: dict,
+                    grids: dict | None = None) -> None:
     """A checkpoint ``AutoModelForCausalLM.from_pretrained(directory)`` loads, plus the sidecars:
-    ``sparsemix.json`` (the run record) and ``sparsemix_bits.safetensors`` (bit width per row).
+    ``sparsemix.json`` (the run record), ``sparsemix_bits.safetensors`` (bit width per row) and
+    ``sparsemix_grids.safetensors`` (fp16 grids and kept-masks: what ``export`` packs from).
 
     Written into a temporary folder beside ``directory`` and renamed into place, so an interrupted
     save leaves the previous folder (or none), never half of one.
@@ -236,6 +239,8 @@ def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_file({name: b.contiguous() for name, b in bits.items()}, str(staging / BITS_FILE))
+        if grids:
+            save_file({name: g.contiguous() for name, g in grids.items()}, str(staging / GRIDS_FILE))
         write_json(staging / SIDECAR, record)
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old")

@@ -1,7 +1,8 @@
 """Uniform grids with one bit width per output channel (row).
 
 A row with b bits has integer codes 0..maxq, maxq = 2^b - 1, and dequantizes as
-``scale * (code - zero)``. Rows given 16 bits are left unquantized (``maxq = inf``).
+``scale * (code - zero)`` with fp16-representable scales and integer zero points, so a packed
+file dequantises to exactly these weights. Rows given 16 bits keep float16 weights (``maxq = inf``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ def maxq_for_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= UNQUANTIZED_BITS, torch.full_like(bits, float("inf")), 2.0**bits - 1)
 
 
+def fp16_value(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value (kept above fp16's smallest subnormal), as float32."""
+    return x.clamp(min=2.0**-24).to(torch.float16).to(torch.float32)
+
+
 def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool):
     """Scale and zero point for each row from its clipping range; maxq is finite here."""
     if sym:
@@ -24,7 +30,7 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, s
     empty = (xmin == 0) & (xmax == 0)  # an all-zero row still needs a valid grid
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = fp16_value((xmax - xmin) / maxq)  # the packed format stores fp16 scales: dequantise bit for bit
     zero = (maxq + 1) / 2 if sym else torch.round(-xmin / scale)
     return scale, zero
 
@@ -65,4 +71,4 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: tor
     """Round ``w`` [rows, k] to each row's grid and dequantize; scale, zero, maxq are [rows, 1]."""
     finite = torch.isfinite(maxq)
     codes = torch.clamp(torch.round(w / scale) + zero, torch.zeros_like(maxq), torch.where(finite, maxq, 0))
-    return torch.where(finite, scale * (codes - zero), w)
+    return torch.where(finite, scale * (codes - zero), w.to(torch.float16).to(w.dtype))  # 16 bits = fp16

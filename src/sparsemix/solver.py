@@ -145,6 +145,8 @@ def sweep_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool, regrid=
         q = torch.where(mask1[:, i], torch.zeros_like(w), w)
         if quantized:
             q = quantize(q[:, None], scale, zero, maxq)[:, 0]
+        else:  # every row keeps floats: stored as fp16, like quantize's 16-bit rows
+            q = q.to(torch.float16).to(torch.float32)
         Q1[:, i] = q
         err = (w - q) / d[i]
         L1[:, i] = err**2 / 2

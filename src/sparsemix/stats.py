@@ -19,15 +19,24 @@ from .config import UNQUANTIZED_BITS, PruneConfig
 SCALE_ZERO_BITS = 32  # one fp16 scale + one fp16 zero point per row or group
 
 
+def row_order_bits(bits: torch.Tensor) -> int:
+    """Bits storing the row permutation that groups rows by width: ceil(log2 rows) per row, none
+    when every row has the same width (the packed format then keeps the natural order)."""
+    rows = bits.numel()
+    return 0 if rows < 2 or torch.unique(bits).numel() < 2 else rows * math.ceil(math.log2(rows))
+
+
 def effective_bits(
     bits: torch.Tensor, kept_per_row: torch.Tensor, cols: int, groups: int, prune: PruneConfig,
 ) -> float:
-    """Stored bits per dense weight for rows of ``bits`` [rows] keeping ``kept_per_row`` [rows]."""
+    """Stored bits per dense weight for rows of ``bits`` [rows] keeping ``kept_per_row`` [rows]:
+    codes, fp16 scales and zero points, the row permutation and the sparsity metadata."""
     bits = bits.to(torch.float64).cpu()
     kept = kept_per_row.to(torch.float64).cpu()
     rows = bits.numel()
     codes = float((bits * kept).sum())
     grids = float((bits < UNQUANTIZED_BITS).sum()) * groups * SCALE_ZERO_BITS
+    grids += row_order_bits(bits)
     if prune.nm:
         kept_per_block = prune.prunem - prune.prunen
         metadata = rows * cols * kept_per_block * math.ceil(math.log2(prune.prunem)) / prune.prunem
