@@ -1,6 +1,12 @@
 """Shared fixtures: a tiny offline data dir (same layout as shared/data) and a tiny real tokenizer."""
 
+import os
 import random
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

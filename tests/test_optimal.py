@@ -146,7 +146,11 @@ def test_model_scope_spends_one_budget_across_layers(unit, figure, tiny_model_di
     config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(
         method="optimal", target_avg_bits=target, scope="model", budget_unit=unit))
     stats = compress_model(model, windows, config, batch_size=4).stats
-    assert abs(stats.summary()[figure] - target) < (0.01 if unit == "effective" else 2 / 64)
+    spent = stats.summary()[figure]
+    if unit == "effective":  # the permutation is reserved per linear: unused where a linear ends with one width
+        assert target - 0.05 < spent <= target + 1e-9
+    else:
+        assert abs(spent - target) < 2 / 64
     per_linear = {layer.channel_average_bits for layer in stats.layers}
     assert len(per_linear) > 1  # bits move between linears, unlike the per-layer methods
 

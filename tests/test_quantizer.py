@@ -72,4 +72,4 @@ def test_degenerate_rows():
     w = torch.stack([torch.zeros(10), torch.full((10,), 3.0), torch.full((10,), -2.0)])
     q = fake_quant(w, torch.tensor([4, 4, 4]))
     assert torch.isfinite(q).all()
-    assert torch.allclose(q, w, atol=1e-6)
+    assert torch.allclose(q, w, atol=1e-6, rtol=2.0**-10)  # fp16 scales: the range end is off by < 1 fp16 ulp

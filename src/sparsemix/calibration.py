@@ -22,15 +22,19 @@ class InputStatistics:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # fp16 would overflow x x^T
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("non-finite calibration input")
         n = x.shape[0]
         total = self.tokens + n
         keep = self.tokens / total
         self.H.mul_(keep).addmm_(x.T, x, alpha=2.0 / total)
-        self.abs_mean.mul_(keep).add_(x.abs().sum(0), alpha=1.0 / total)
+        self.abs_mean.mul_(keep).add_(torch.linalg.vector_norm(x, 1, dim=0), alpha=1.0 / total)
         self.sq_mean.mul_(keep).add_((x * x).sum(0), alpha=1.0 / total)
         self.tokens = total
+
+    def check_finite(self) -> None:
+        """Once, after the last update (a check per batch would stall the GPU): a NaN or inf in any
+        input reaches H's diagonal, since x_j^2 is added to H_jj."""
+        if not torch.isfinite(self.H).all():
+            raise FloatingPointError("non-finite calibration input")
 
 
 class OutputStatistics:
@@ -44,14 +48,16 @@ class OutputStatistics:
 
     def update(self, y: torch.Tensor) -> None:
         y = y.detach().reshape(-1, y.shape[-1]).to(self.mean.device, torch.float32)
-        if not torch.isfinite(y).all():
-            raise FloatingPointError("non-finite calibration output")
         total = self.tokens + y.shape[0]
         keep = self.tokens / total
-        self.abs_mean.mul_(keep).add_(y.abs().sum(0), alpha=1.0 / total)
+        self.abs_mean.mul_(keep).add_(torch.linalg.vector_norm(y, 1, dim=0), alpha=1.0 / total)
         self.mean.mul_(keep).add_(y.sum(0), alpha=1.0 / total)
         self.sq_mean.mul_(keep).add_((y * y).sum(0), alpha=1.0 / total)
         self.tokens = total
+
+    def check_finite(self) -> None:
+        if not torch.isfinite(self.sq_mean).all():
+            raise FloatingPointError("non-finite calibration output")
 
     @property
     def variance(self) -> torch.Tensor:
@@ -83,12 +89,9 @@ def collect_statistics(
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            try:
-                if owner[name] == name:
-                    inputs[name].update(args[0])
-                outputs[name].update(output)
-            except FloatingPointError as error:
-                raise FloatingPointError(f"{name}: {error}") from None
+            if owner[name] == name:
+                inputs[name].update(args[0])
+            outputs[name].update(output)
         return record
 
     for name, linear in linears.items():
@@ -99,3 +102,9 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+    for name in linears:
+        try:
+            inputs[name].check_finite()
+            outputs[name].check_finite()
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{name}: {error}") from None

@@ -17,9 +17,9 @@ from torch import nn
 from .calibration import collect_statistics
 from .checkpoint import LayerCheckpoint, Resumed, run_key
 from .config import CompressionConfig
-from .engine import compress_linear
-from .layerwise import capture_layer_inputs, run_layer
-from .models import adapter_for
+from .engine import compress_linears
+from .layerwise import capture_layer_inputs, run_layer, run_layer_until
+from .models import adapter_for, calibration_attention
 from .packing import row_grids
 from .sensitivity import output_fisher, plan_model_bits
 from .stats import CompressionStats
@@ -69,6 +69,15 @@ def compress_model(
             fisher, plan = sensitivity_plan(model, windows, config, device, batch_size)
             if checkpoint and config.allocation.method == "optimal":
                 checkpoint.save_sensitivity(fisher, plan)
+    with calibration_attention(model):
+        return _compress_layers(model, windows, config, device, batch_size, progress, checkpoint, resumed, clock,
+                                fisher, plan)
+
+
+def _compress_layers(model, windows, config: CompressionConfig, device, batch_size: int, progress, checkpoint,
+                     resumed: Resumed, clock: PhaseClock, fisher: dict, plan: dict) -> CompressionResult:
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
     precision = forward_precision(config.forward_precision, device)
     with clock("forward"), precision():
         inputs = capture_layer_inputs(model, windows, batch_size, device)
@@ -92,18 +101,21 @@ def compress_model(
             try:
                 with clock("forward"), precision(), \
                         collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
-                    run_layer(layer, hidden, inputs.kwargs[i])
+                    run_layer_until(layer, hidden, inputs.kwargs[i], list(members.values()))
             except FloatingPointError as error:  # name the layer where the numbers went bad
                 raise FloatingPointError(f"layers.{i}.{error}; the run stops here") from None
-            for name, linear in members.items():
-                full_name = f"layers.{i}.{name}"
+            for group in _by_shared_input(names, in_stats):  # q/k/v and gate/up: one H, one stacked sweep
+                full_names = [f"layers.{i}.{name}" for name in group]
                 with clock("solve"):
-                    compressed = compress_linear(full_name, linear.weight, in_stats[name], out_stats[name], config,
-                                                 bits=plan.get(full_name), row_weights=fisher.get(full_name))
-                linear.weight.copy_(compressed.weight.to(linear.weight.dtype))
-                result.stats.add(compressed.stats)
-                result.bits[full_name] = compressed.bits.to(torch.int8).cpu()
-                result.grids.update(row_grids(full_name, compressed.bits, compressed.solve))
+                    compressed = compress_linears(
+                        full_names, [members[name].weight for name in group], in_stats[group[0]],
+                        [out_stats[name] for name in group], config, [plan.get(n) for n in full_names],
+                        [fisher.get(n) for n in full_names])
+                for name, full_name, linear_result in zip(group, full_names, compressed):
+                    members[name].weight.copy_(linear_result.weight.to(members[name].weight.dtype))
+                    result.stats.add(linear_result.stats)
+                    result.bits[full_name] = linear_result.bits.to(torch.int8).cpu()
+                    result.grids.update(row_grids(full_name, linear_result.bits, linear_result.solve))
         with clock("forward"), precision():
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         with clock("other"):
@@ -115,6 +127,14 @@ def compress_model(
     result.phases = clock.seconds
     result.seconds = clock.total()
     return result
+
+
+def _by_shared_input(names: list[str], in_stats: dict) -> list[list[str]]:
+    """``names`` grouped by the InputStatistics object they share, in order."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(in_stats[name]), []).append(name)
+    return list(groups.values())
 
 
 def forward_precision(name: str, device):

@@ -11,7 +11,7 @@ from .calibration import InputStatistics, OutputStatistics
 from .config import CompressionConfig
 from .importance import allocation_score, importance_dimensions
 from .solver import SolveResult, inverse_hessian, sparsegpt_quantize
-from .stats import LayerStats, effective_bits
+from .stats import LayerStats, effective_bits, row_order_bits
 
 
 @dataclass
@@ -111,14 +111,16 @@ def option_costs(rows: int, cols: int, groups: int, config: CompressionConfig) -
 
 
 def budget_for(rows: int, cols: int, config: CompressionConfig) -> float:
-    """Total cost allowed for ``rows`` x ``cols`` weights at ``target_avg_bits`` (sparsity metadata excluded)."""
+    """Total cost allowed for the codes and grids of ``rows`` x ``cols`` weights at ``target_avg_bits``
+    (in ``effective`` units, net of the sparsity metadata and row permutation)."""
     target = config.allocation.target_avg_bits
     unit = config.allocation.budget_unit
     if unit == "channel":
         return target * rows
     metadata = 0.0
-    if unit == "effective":
+    if unit == "effective":  # sparsity metadata, and the row permutation mixed widths need
         metadata = effective_bits(torch.zeros(1), torch.zeros(1), cols, 0, config.prune) * rows * cols
+        metadata += row_order_bits(torch.arange(rows))
     return target * rows * cols - metadata
 
 
@@ -130,10 +132,14 @@ def optimal_bits(table: torch.Tensor, rows: int, cols: int, groups: int, config:
 
 def solvable_weight(weight: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 copy of ``weight`` with dead input columns zeroed, damped H^-1): what the sweeps take."""
-    W = weight.detach().to(torch.float32).clone()
     Hinv, dead = inverse_hessian(H, percdamp)
-    W[:, dead] = 0
-    return W, Hinv
+    return _without_dead(weight, dead), Hinv
+
+
+def _without_dead(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    W = weight.detach().to(torch.float32).clone()
+    W[:, dead] = 0  # inputs that never fired: their weights carry no signal
+    return W
 
 
 def compress_linear(
@@ -145,27 +151,74 @@ def compress_linear(
     ``bits`` [rows] fixes the widths (a model-wide plan); otherwise the bit method chooses them.
     ``row_weights`` [rows] scale each row's loss for ``optimal`` (the output channel's Fisher).
     """
+    return compress_linears([name], [weight], inputs, [outputs], config, [bits], [row_weights])[0]
+
+
+def compress_linears(
+    names: list[str], weights: list[torch.Tensor], inputs: InputStatistics, outputs: list[OutputStatistics],
+    config: CompressionConfig, bits: list[torch.Tensor | None], row_weights: list[torch.Tensor | None],
+) -> list[LinearResult]:
+    """Compress linears that read the same input (q/k/v, gate/up), each as ``compress_linear`` would.
+
+    They share H^-1; each chooses its own widths. With ``config.fused`` their rows are stacked
+    into one column sweep (rows are independent given each linear's own mask, so the result is
+    the same, with a fraction of the sequential column steps).
+    """
     start = time.perf_counter()
-    if not torch.isfinite(weight).all():
-        raise FloatingPointError(f"{name}: weight has non-finite values")
-    W, Hinv = solvable_weight(weight, inputs.H, config.prune.percdamp)
+    for name, weight in zip(names, weights):
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError(f"{name}: weight has non-finite values")
+    Hinv, dead = inverse_hessian(inputs.H, config.prune.percdamp)
+    plans = []
+    for weight, out_stats, fixed, row_weight in zip(weights, outputs, bits, row_weights):
+        plans.append(_choose_bits(_without_dead(weight, dead), Hinv, inputs, out_stats, config, fixed, row_weight))
+    solves: list[SolveResult | None] = [plan.solved for plan in plans]
+    todo = [i for i, solved in enumerate(solves) if solved is None]
+    stacked = config.fused and len(todo) > 1
+    for group in ([todo] if stacked else [[i] for i in todo]):
+        W = torch.cat([plans[i].W for i in group])
+        row_bits = torch.cat([plans[i].bits for i in group]).to(W.device)
+        solved = sparsegpt_quantize(W, Hinv, row_bits, config.prune, config.quant, fused=config.fused,
+                                    segments=[plans[i].W.shape[0] for i in group])
+        offset = 0
+        for i in group:
+            rows = plans[i].W.shape[0]
+            solves[i] = solved.rows(offset, offset + rows)
+            offset += rows
+    if Hinv.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    total = sum(w.numel() for w in weights)
+    return [_result(name, plan, solved, config, seconds * plan.W.numel() / total)
+            for name, plan, solved in zip(names, plans, solves)]
+
+
+@dataclass
+class _Plan:
+    W: torch.Tensor  # [rows, cols] float32, dead columns zeroed
+    bits: torch.Tensor  # [rows] chosen widths
+    score: torch.Tensor  # [rows] what the allocation ranked by
+    solved: SolveResult | None  # already solved (optimal assembles from its table's sweeps)
+
+
+def _choose_bits(W, Hinv, inputs, outputs, config: CompressionConfig, bits, row_weights) -> _Plan:
     rows, cols = W.shape
     dims = importance_dimensions(W, torch.diag(Hinv), inputs, outputs)
     score = allocation_score(dims, config.allocation)
-    table = None
     if bits is None and config.allocation.method == "optimal":
         table = row_loss_table(W, Hinv, config)
         weighted = table.losses if row_weights is None else table.losses * row_weights.double().cpu()[:, None]
         score = weighted.mean(1)  # what the knapsack weighs: the row's (Fisher-weighted) loss
         bits = optimal_bits(weighted, rows, cols, groups_of(cols, config), config)
-    elif bits is None:
+        return _Plan(W, bits, score, assemble(table, W, Hinv, bits, config))
+    if bits is None:
         bits = allocate_bits(score, config.allocation)
-    if table is not None:
-        solved = assemble(table, W, Hinv, bits, config)
-    else:
-        solved = sparsegpt_quantize(W, Hinv, bits.to(W.device), config.prune, config.quant, fused=config.fused)
-    if W.is_cuda:
-        torch.cuda.synchronize()
+    return _Plan(W, bits, score, None)
+
+
+def _result(name: str, plan: _Plan, solved: SolveResult, config: CompressionConfig, seconds: float) -> LinearResult:
+    bits, score = plan.bits, plan.score
+    rows, cols = plan.W.shape
     stats = LayerStats(
         name=name,
         rows=rows,
@@ -178,6 +231,6 @@ def compress_linear(
         importance_max=float(score.max()),
         sparsity=float(solved.pruned.float().mean()),
         obs_loss=solved.loss,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
     return LinearResult(solved.weight, bits, score, solved, stats)

@@ -92,3 +92,26 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
         out = layer(h, **kw)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
+
+
+def run_layer_until(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], last: list[nn.Module]) -> None:
+    """The layer on every batch, each stopped once every module in ``last`` has run: a statistics
+    pass needs nothing after the linears it watches (hooks registered earlier still fire)."""
+    seen: set[int] = set()
+
+    def stop_when_all_seen(module, args, output):
+        seen.add(id(module))
+        if len(seen) == len(last):
+            raise _Stop
+
+    handles = [module.register_forward_hook(stop_when_all_seen) for module in last]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            seen.clear()
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +124,41 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     model.config.use_cache = False
     adapter_for(model)  # fail early on an unsupported family
     return model, tokenizer
+
+
+def _sdpa_with_repeated_kv(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """transformers' attention-function contract: q [b, heads, t, d], k/v [b, kv_heads, t, d] ->
+    ([b, t, heads, d], None). Key/value heads are repeated up front because torch's grouped-query
+    SDPA runs fp32 on the slow math kernel; with full heads fp32 gets the memory-efficient one."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+CALIBRATION_ATTENTION = "sparsemix_sdpa"
+
+
+@contextmanager
+def calibration_attention(model: nn.Module):
+    """Within the block, models on transformers' "sdpa" attention run ``_sdpa_with_repeated_kv``:
+    the same attention, 5-10x faster in fp32 on a GPU when key/value heads are grouped."""
+    from transformers import AttentionInterface
+
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield
+        return
+    AttentionInterface.register(CALIBRATION_ATTENTION, _sdpa_with_repeated_kv)
+    config._attn_implementation = CALIBRATION_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -9,8 +9,11 @@ Rows are independent given the mask: row i's loss depends only on row i's grid.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import itertools
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -31,6 +34,10 @@ class SolveResult:
     @property
     def loss(self) -> float:
         return float(self.row_losses.sum())
+
+    def rows(self, start: int, stop: int) -> "SolveResult":
+        """Rows ``start:stop``: one linear's part of a stacked sweep."""
+        return SolveResult(*(t[start:stop] for t in (self.weight, self.pruned, self.row_losses, self.scale, self.zero)))
 
 
 def inverse_hessian(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,14 +69,17 @@ def inverse_hessian(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tup
 def sparsegpt_quantize(
     W: torch.Tensor, Hinv: torch.Tensor, bits: torch.Tensor,
     prune: PruneConfig = PruneConfig(), quant: QuantConfig = QuantConfig(), mask: torch.Tensor | None = None,
-    fused: bool = True,
+    fused: bool = True, segments: Sequence[int] | None = None,
 ) -> SolveResult:
     """Prune and quantize ``W`` [rows, cols] given the damped inverse Hessian ``Hinv`` [cols, cols].
 
     ``bits`` [rows]: each row's width (16 = keep floats). Sparsity 0 is plain GPTQ.
     ``mask`` [rows, cols] (True = prune) replaces the adaptive choice; given a mask, rows are
-    fully independent, so any subset of rows can be solved on its own. ``fused`` replays each
-    block's column loop as a CUDA graph on the GPU (same arithmetic, far fewer launches).
+    fully independent, so any subset of rows can be solved on its own. ``fused`` runs each
+    block's column loop on the GPU as one Triton launch or a CUDA-graph replay (same arithmetic,
+    far fewer launches).
+    ``segments`` (row counts summing to rows) marks stacked linears that share H (q/k/v): each
+    keeps its own adaptive sparsity, so the stacked sweep equals one sweep per linear.
     Dead input columns must already be zero in ``W``.
     """
     W = W.detach().to(torch.float32).clone()
@@ -84,6 +94,10 @@ def sparsegpt_quantize(
         scales.append(scale)
         zeros.append(zero)
 
+    ends = list(itertools.accumulate(segments or [rows]))
+    if ends[-1] != rows:
+        raise ValueError(f"segments {list(segments)} do not add up to the {rows} rows")
+    bounds = list(zip([0] + ends[:-1], ends))
     pruned = torch.zeros_like(W, dtype=torch.bool)
     losses = torch.zeros_like(W)
     nm = (prune.prunen, prune.prunem) if prune.nm and mask is None else None
@@ -94,9 +108,10 @@ def sparsegpt_quantize(
         U1 = U[i1:i2, i1:i2]
         mask1 = torch.zeros_like(W1, dtype=torch.bool) if mask is None else mask[:, i1:i2].clone()
         if mask is None and not nm and prune.sparsity > 0:  # adaptive mask: the block's k least salient weights
-            k = int(W1.numel() * prune.sparsity)
-            saliency = (W1**2 / torch.diag(U1) ** 2).flatten()
-            mask1.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
+            saliency = W1**2 / torch.diag(U1) ** 2
+            for a, b in bounds:
+                k = int((b - a) * (i2 - i1) * prune.sparsity)
+                mask1[a:b].view(-1)[torch.topk(saliency[a:b].flatten(), k, largest=False).indices] = True
 
         def regrid(i: int, W1: torch.Tensor = W1, i1: int = i1, i2: int = i2):
             """At a group's first column: its grid from the group's current weights."""
@@ -112,7 +127,7 @@ def sparsegpt_quantize(
             if group:
                 regrid(0)
             current = (scales[-1], zeros[-1]) if scales else (None, None)
-            Q1, Err1, L1 = graphed_columns(W1, U1, mask1, *current, maxq, nm, any_quantized)
+            Q1, Err1, L1 = fused_columns(W1, U1, mask1, *current, maxq, nm, any_quantized)
         else:
             current = (scales[-1], zeros[-1]) if scales else (None, None)
             Q1, Err1, L1 = sweep_columns(W1, U1, mask1, *current, maxq, nm, any_quantized, regrid if group else None)
@@ -187,6 +202,20 @@ class _GraphedColumns:
 def _graph_for(rows: int, width: int, device: str, nm, quantized: bool) -> _GraphedColumns:
     # a handful of shapes per model (q/k/v, o, gate/up, down, the last block): capture each once
     return _GraphedColumns(rows, width, device, nm, quantized)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool):
+    """One block's column loop on the GPU: one Triton launch when the mask is known before the
+    loop starts (unstructured or fixed), else the CUDA-graph replay (N:M picks masks on the way)."""
+    if nm is None and triton_available():
+        from .sweep_kernel import triton_columns
+        return triton_columns(W1, U1, mask1, scale, zero, maxq, quantized)
+    return graphed_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized)
 
 
 def graphed_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool):
