@@ -35,7 +35,7 @@ def test_sixteen_bits_no_sparsity_is_fp16_rounding():
     W, X, inputs, _ = layer()
     result = solve(W, inputs, 16, sparsity=0.0)
     assert torch.equal(result.weight.half().float(), result.weight)  # 16 bits are stored as fp16
-    assert torch.allclose(result.weight, W, rtol=2e-3, atol=1e-4)
+    assert (result.weight - W).abs().max() < 1e-3 * W.abs().max()  # rounding errors, compensated
     assert 0 < result.loss < solve(W, inputs, 8, sparsity=0.0).loss / 100
 
 
