@@ -83,7 +83,7 @@ def index_bits(rows: int) -> int:
 
 
 @dataclass(frozen=True)
-class PackedLinear:
+class PackedWeight:
     """One linear in the packed format; ``tensors`` are what the file stores under ``{name}.{key}``:
     codes int32 [words], mask uint8 [rows, ceil(cols / 8)] (packed order; absent when dense),
     perm int32 [words] (absent when one width), scale, zero fp16 [quantized rows, groups]."""
@@ -100,7 +100,7 @@ class PackedLinear:
                 "widths": {str(b): n for b, n in self.widths.items()}}
 
     @classmethod
-    def from_header(cls, header: dict, tensors: dict[str, torch.Tensor]) -> "PackedLinear":
+    def from_header(cls, header: dict, tensors: dict[str, torch.Tensor]) -> "PackedWeight":
         widths = {int(b): n for b, n in header["widths"].items()}
         return cls(header["rows"], header["cols"], header["group_size"], header["dtype"], widths, tensors)
 
@@ -127,9 +127,9 @@ class PackedLinear:
 
 
 def pack_linear(weight: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                kept: torch.Tensor, group_size: int, sparse: bool) -> PackedLinear:
+                kept: torch.Tensor, group_size: int, sparse: bool) -> PackedWeight:
     """A fake-quantised ``weight`` [rows, cols] with its grids (scale fp16, zero [rows, groups], ``bits``
-    [rows], ``kept`` [rows, cols] bool) -> PackedLinear; codes are recovered as round(w / scale) + zero."""
+    [rows], ``kept`` [rows, cols] bool) -> PackedWeight; codes are recovered as round(w / scale) + zero."""
     rows, cols = weight.shape
     bits = bits.to(torch.int64).cpu()
     perm = torch.argsort(bits, stable=True)
@@ -149,11 +149,11 @@ def pack_linear(weight: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, z
         tensors["mask"] = pack_mask(kept)
     if len(widths) > 1:
         tensors["perm"] = pack_bits(perm, torch.full((rows,), index_bits(rows)))
-    return PackedLinear(rows, cols, group_size, str(weight.dtype).removeprefix("torch."), widths, tensors)
+    return PackedWeight(rows, cols, group_size, str(weight.dtype).removeprefix("torch."), widths, tensors)
 
 
-def dequantise(packed: PackedLinear) -> torch.Tensor:
-    """PackedLinear -> weight [rows, cols] in the original dtype and row order, bit for bit:
+def dequantise(packed: PackedWeight) -> torch.Tensor:
+    """PackedWeight -> weight [rows, cols] in the original dtype and row order, bit for bit:
     ``scale * (code - zero)`` in fp32 (the expression of ``quantizer.quantize``), 0 where pruned."""
     t = packed.tensors
     kept, b = packed.kept(), packed.row_widths.to(t["codes"].device)
