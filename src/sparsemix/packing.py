@@ -171,3 +171,22 @@ def dequantise(packed: PackedWeight) -> torch.Tensor:
     out = torch.empty_like(w)
     out[packed.perm.to(w.device)] = w
     return out.to(getattr(torch, packed.dtype))
+
+
+def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: int,
+                  generator: torch.Generator) -> PackedWeight:
+    """A random layer with rows of widths ``bits`` [rows] and ``sparsity`` (0: dense, no mask) in the
+    packed format, for kernel tests and benchmarks: random codes on random fp16 grids."""
+    rows = bits.numel()
+    groups = -(-cols // group_size)
+    maxq = (2.0 ** bits.clamp(max=8) - 1)[:, None]
+    scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 0.001).half()
+    zero = torch.round(torch.rand(rows, groups, generator=generator) * maxq).to(torch.uint8)
+    codes = torch.floor(torch.rand(rows, cols, generator=generator) * (maxq + 1)).clamp(max=maxq)
+    s = scale.float().repeat_interleave(group_size, 1)[:, :cols]
+    z = zero.float().repeat_interleave(group_size, 1)[:, :cols]
+    floats = (0.05 * torch.randn(rows, cols, generator=generator)).half().float()
+    weight = torch.where(bits[:, None] < UNQUANTIZED, s * (codes - z), floats)
+    kept = torch.rand(rows, cols, generator=generator) >= sparsity
+    weight = torch.where(kept, weight, torch.zeros_like(weight)).half()
+    return pack_linear(weight, bits, scale, zero, kept, group_size, sparsity > 0)
