@@ -40,7 +40,7 @@ def test_kernel_matches_dequantise_then_matmul():
     if torch.cuda.is_available():
         check("cuda")
         return
-    tests = Path(__file__).parent
-    proc = subprocess.run([sys.executable, "-c", "import test_kernels; test_kernels.check('cpu')"], cwd=tests,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_kernels; test_kernels.check('cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

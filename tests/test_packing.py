@@ -1,7 +1,11 @@
+import math
+
+import pytest
 import torch
 
-from sparsemix.config import PruneConfig
-from sparsemix.packing import pack_mask, row_grids, unpack_mask
+from sparsemix.config import PruneConfig, QuantConfig
+from sparsemix.packing import dequantise, pack_bits, pack_linear, pack_mask, row_grids, unpack_bits, unpack_mask
+from sparsemix.stats import effective_bits
 from sparsemix.solver import inverse_hessian, sparsegpt_quantize
 
 
@@ -36,15 +40,6 @@ def test_grids_dequantise_the_solved_weights_bit_for_bit():
     assert torch.equal(s * (codes - z) * kept[quantized], w)  # exact: the packed format relies on it
     float_rows = solved.weight[~quantized]
     assert torch.equal(float_rows.half().float(), float_rows)  # 16-bit rows are fp16 values
-
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-from sparsemix.config import QuantConfig  # noqa: E402
-from sparsemix.packing import dequantise, pack_bits, pack_linear, unpack_bits  # noqa: E402
-from sparsemix.stats import effective_bits  # noqa: E402
 
 
 def test_bitstream_round_trips_and_wastes_no_bits():

@@ -42,7 +42,7 @@ def _packed_matmul_kernel(
         zero = tl.load(zero_ptr + grid_row * G, mask=row_ok & quantized, other=0.0).to(tl.float32)
     batch = tl.arange(0, BLOCK_B)
     acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
-    for tile in range(0, CHUNK // BLOCK_K):
+    for tile in range(CHUNK // BLOCK_K):
         cols = pid_k * CHUNK + tile * BLOCK_K + tl.arange(0, BLOCK_K)
         inside = row_ok[:, None] & (cols < K)[None, :]
         if HAS_MASK:

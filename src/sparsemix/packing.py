@@ -114,7 +114,8 @@ class PackedWeight:
         """[rows] int64: packed row i is row perm[i] of the weight."""
         if "perm" not in self.tensors:
             return torch.arange(self.rows)
-        return unpack_bits(self.tensors["perm"], torch.full((self.rows,), index_bits(self.rows)))
+        words = self.tensors["perm"]
+        return unpack_bits(words, torch.full((self.rows,), index_bits(self.rows), device=words.device))
 
     def kept(self) -> torch.Tensor:
         """[rows, cols] bool in packed order."""
@@ -131,7 +132,8 @@ def pack_linear(weight: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, z
     """A fake-quantised ``weight`` [rows, cols] with its grids (scale fp16, zero [rows, groups], ``bits``
     [rows], ``kept`` [rows, cols] bool) -> PackedWeight; codes are recovered as round(w / scale) + zero."""
     rows, cols = weight.shape
-    bits = bits.to(torch.int64).cpu()
+    bits = bits.to(device=weight.device, dtype=torch.int64)
+    kept = kept.to(weight.device)
     perm = torch.argsort(bits, stable=True)
     w, kept, b = weight[perm].float(), kept[perm], bits[perm]
     quantized = b < UNQUANTIZED
@@ -148,7 +150,7 @@ def pack_linear(weight: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, z
     if sparse:
         tensors["mask"] = pack_mask(kept)
     if len(widths) > 1:
-        tensors["perm"] = pack_bits(perm, torch.full((rows,), index_bits(rows)))
+        tensors["perm"] = pack_bits(perm, torch.full((rows,), index_bits(rows), device=perm.device))
     return PackedWeight(rows, cols, group_size, str(weight.dtype).removeprefix("torch."), widths, tensors)
 
 
@@ -174,9 +176,9 @@ def dequantise(packed: PackedWeight) -> torch.Tensor:
 
 
 def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: int,
-                  generator: torch.Generator) -> PackedWeight:
+                  generator: torch.Generator, device: str = "cpu") -> PackedWeight:
     """A random layer with rows of widths ``bits`` [rows] and ``sparsity`` (0: dense, no mask) in the
-    packed format, for kernel tests and benchmarks: random codes on random fp16 grids."""
+    packed format on ``device``, for kernel tests and benchmarks: random codes on random fp16 grids."""
     rows = bits.numel()
     groups = -(-cols // group_size)
     maxq = (2.0 ** bits.clamp(max=8) - 1)[:, None]
@@ -189,4 +191,4 @@ def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: in
     weight = torch.where(bits[:, None] < UNQUANTIZED, s * (codes - z), floats)
     kept = torch.rand(rows, cols, generator=generator) >= sparsity
     weight = torch.where(kept, weight, torch.zeros_like(weight)).half()
-    return pack_linear(weight, bits, scale, zero, kept, group_size, sparsity > 0)
+    return pack_linear(weight.to(device), bits, scale.to(device), zero.to(device), kept, group_size, sparsity > 0)
