@@ -1,11 +1,12 @@
 """sparsemix: SparseGPT pruning + per-channel mixed-precision quantization, evaluated by perplexity.
 
-Commands: compress, eval, compare, sweep, ablate, report. The CLI parses and validates at the
+Commands: compress, eval, compare, sweep, ablate, report, export, generate. The CLI parses and validates at the
 edge, then calls the library (pipeline, experiments, reports).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--checkpoint-dir", default=None,
             help="save the state after every decoder layer here; rerunning the same command resumes")
     _option(c, "--save", default=None, help="write a checkpoint from_pretrained loads, plus sidecars")
+    _option(c, "--save-packed", default=None, help="with --save: also export the packed model here")
     _option(c, "--output", default=None, help="write the run record as JSON here")
     _option(c, "--overwrite", action="store_true", help="replace an existing --output file or --save directory")
     _option(c, "--lang", default="en", choices=("en", "zh"), help="language of the printed summary")
@@ -167,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     _option(rp, "--out", default="sparsemix-report", help="output folder (default sparsemix-report)")
     _option(rp, "--lang", default="en", choices=("en", "zh"))
     _misc_options(rp)
+
+    ex = sub.add_parser("export", help="pack a --save folder: bit-packed codes, fp16 grids, sparsity bitmask")
+    ex.add_argument("result_dir", help="a folder written by compress --save")
+    _option(ex, "--format", default="packed", choices=("packed",), help="output format (default packed)")
+    _option(ex, "--out", default=None, help="output folder (default RESULT_DIR/packed)")
+    _option(ex, "--overwrite", action="store_true", help="replace an existing --out folder")
+    _misc_options(ex)
+
+    gen = sub.add_parser("generate", help="greedy text from a packed model, with tokens/s")
+    gen.add_argument("result_dir", help="an export folder, or a --save folder holding packed/")
+    _option(gen, "--prompt", required=True)
+    _option(gen, "--max-new-tokens", type=int, default=32)
+    _option(gen, "--device", default="auto", help="cpu or cuda (default: cuda if available)")
+    _misc_options(gen)
     return parser
 
 
@@ -238,8 +254,6 @@ def _experiment_configs(args: argparse.Namespace):
 
 
 def _load_records(paths: list[str]) -> list[dict]:
-    import json
-
     files = []
     for value in paths:
         path = Path(value)
@@ -258,19 +272,46 @@ def _load_records(paths: list[str]) -> list[dict]:
     return records
 
 
+def _packed_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import packed
+
+    if args.command == "export":
+        _check_writable("--out", args.out or str(Path(args.result_dir) / "packed"), args.overwrite)
+        print(json.dumps(packed.export_packed(args.result_dir, args.out)))
+        return 0
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    result = packed.generate(args.result_dir, args.prompt, args.max_new_tokens, device)
+    print(result["text"])
+    print(json.dumps({key: result[key] for key in ("new_tokens", "seconds", "tokens_per_second")}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import pipeline
 
     show = {"progress": not args.quiet, "echo": tqdm.write}
+    if args.command in ("export", "generate"):
+        return _packed_command(args)
     if args.command == "compress":
         _check_writable("--output", args.output, args.overwrite)
         _check_writable("--save", args.save, args.overwrite)
+        if args.save_packed and not args.save:
+            raise ConfigError("--save-packed packs what --save writes; give --save DIR too")
+        _check_writable("--save-packed", args.save_packed, args.overwrite)
         model, tokenizer, record, result = pipeline.compress(run_config(args, compression_config(args)), **show,
                                                              lang=args.lang)
         if args.save:
             pipeline.save_compressed(model, tokenizer, args.save, record, result.bits, result.grids)
+        if args.save_packed:
+            from .packed import export_packed
+
+            tqdm.write(json.dumps(export_packed(args.save, args.save_packed)))
     elif args.command == "eval":
         _check_writable("--output", args.output, args.overwrite)
         record = pipeline.evaluate_saved(run_config(args), **show)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -35,3 +36,24 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str).encode())
+
+
+def write_directory(directory: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """``fill(staging)`` writes a folder beside ``directory``, which is then renamed into place: an
+    interruption leaves the previous folder (or none), never half of one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        fill(staging)
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -5,8 +5,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from .config import CompressionConfig, ConfigError
 from .data import CORPORA, calibration_windows, eval_windows
 from .driver import CompressionResult, compress_model
 from .evaluation import perplexity
-from .files import write_json
+from .files import write_directory, write_json
 from .models import DEFAULT_MODEL, load_model, max_sequence_length
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -232,24 +230,12 @@ def save_compressed(model, tokenizer, directory: str | os.PathLike, record: dict
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_file({name: b.contiguous() for name, b in bits.items()}, str(staging / BITS_FILE))
         if grids:
             save_file({name: g.contiguous() for name, g in grids.items()}, str(staging / GRIDS_FILE))
         write_json(staging / SIDECAR, record)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_directory(directory, fill)

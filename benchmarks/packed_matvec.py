@@ -1,0 +1,119 @@
+"""The packed-format Triton kernel against fp16 torch.matmul, one JSON line per case.
+
+    PYTHONPATH=src python benchmarks/packed_matvec.py --device cuda [--shapes 4096x4096] [--bits 4] [--batch 1]
+
+Cases: shapes (out x in) 4096x4096, 4096x11008, 11008x4096; average code bits 3, 4, 5 (random
+per-row mixes of 2/3/4/6/8 around the mean); sparsity 0.5 (bitmask) and 0 (dense); batch 1, 4, 16.
+Each line: fp16 and kernel µs (CUDA graphs, so launch overhead does not count), speedup, bytes the
+kernel reads, achieved GB/s, the device's peak (table) and measured copy bandwidth, and the max
+|error| against dequantise-then-matmul. Issue 8's target (H100, batch 1, 4 bits): >= 2.5x fp16
+and >= 60% of peak bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from sparsemix.packing import dequantise, random_packed
+
+OPTIONS = (2, 3, 4, 6, 8)
+PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H200": 4800,
+             "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE": 1555, "L40S": 864, "RTX 4090": 1008}
+
+
+def peak_gbps(name: str) -> float | None:
+    """The datasheet memory bandwidth of a GPU by (part of) its name; None when not in the table."""
+    return next((peak for key, peak in PEAK_GBPS.items() if key.lower() in name.lower()), None)
+
+
+def copy_gbps(device: str, megabytes: int = 1024) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+    from triton.testing import do_bench
+
+    a = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+def width_mix(rows: int, mean: float, gen: torch.Generator) -> torch.Tensor:
+    """[rows] widths from OPTIONS with the given mean: 70% at the nearest option and the rest on its
+    neighbours (4 -> mostly 4, some 3 and 6), else the two options around the mean; shuffled."""
+    nearest = min(range(len(OPTIONS)), key=lambda i: abs(OPTIONS[i] - mean))
+    mix = {}
+    if 0 < nearest < len(OPTIONS) - 1:
+        lo, mid, hi = OPTIONS[nearest - 1], OPTIONS[nearest], OPTIONS[nearest + 1]
+        hi_share = (mean - 0.7 * mid - 0.3 * lo) / (hi - lo)  # from lo*a + hi*b = mean - 0.7*mid, a + b = 0.3
+        if 0 <= hi_share <= 0.3:
+            mix = {lo: 0.3 - hi_share, mid: 0.7, hi: hi_share}
+    if not mix:
+        upper = next(i for i, b in enumerate(OPTIONS) if b >= mean)
+        lo, hi = OPTIONS[max(upper - 1, 0)], OPTIONS[upper]
+        share = 0.0 if hi == lo else (mean - lo) / (hi - lo)
+        mix = {lo: 1 - share, hi: share}
+    counts = {b: round(share * rows) for b, share in mix.items()}
+    counts[max(mix, key=mix.get)] += rows - sum(counts.values())
+    bits = torch.cat([torch.full((n,), b) for b, n in counts.items()])
+    return bits[torch.randperm(rows, generator=gen)]
+
+
+def layer(rows: int, cols: int, mean_bits: float, sparsity: float, device: str):
+    """-> (PackedLinear on ``device``, its PackedWeight, dequantised weight fp16, widths [rows])."""
+    from sparsemix.kernels import kernel_meta
+    from sparsemix.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    bits = width_mix(rows, mean_bits, gen)
+    packed = random_packed(bits, cols, sparsity, cols, gen, device)
+    module = PackedLinear(packed.header(), packed.tensors, bias=False)
+    module.kernel_meta = kernel_meta(module)
+    return module, packed, dequantise(packed), bits
+
+
+def case(module, packed, weight, bits, mean_bits: float, sparsity: float, batch: int, peak, copy) -> dict:
+    from triton.testing import do_bench_cudagraph
+
+    from sparsemix.kernels import packed_matmul
+
+    rows, cols = weight.shape
+    x = torch.randn(batch, cols, dtype=torch.float16, device=weight.device)
+    error = float((packed_matmul(x, module).float() - x.float() @ weight.float().T).abs().max())
+    dense_us = do_bench_cudagraph(lambda: torch.matmul(x, weight.T)) * 1e3
+    kernel_us = do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3
+    meta = module.kernel_meta
+    read = packed.nbytes() + sum(meta[k].numel() * meta[k].element_size() for k in ("width", "chunk_off", "perm"))
+    read += x.numel() * 2 + batch * rows * 4  # activations in, fp32 partial sums out
+    achieved = read / kernel_us / 1e3
+    return {"shape": [rows, cols], "mean_bits": mean_bits, "code_bits": float(bits.float().mean()),
+            "sparsity": sparsity, "batch": batch, "fp16_us": dense_us, "kernel_us": kernel_us,
+            "speedup": dense_us / kernel_us, "bytes_read": read, "fp16_bytes": weight.numel() * 2,
+            "achieved_gbps": achieved, "peak_gbps": peak, "fraction_of_peak": achieved / peak if peak else None,
+            "copy_gbps": copy, "max_abs_error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="out x in, comma-separated")
+    parser.add_argument("--bits", default="3,4,5", help="average code bits")
+    parser.add_argument("--sparsity", default="0.5,0", help="0.5: unstructured with bitmask; 0: dense")
+    parser.add_argument("--batch", default="1,4,16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
+    name = torch.cuda.get_device_name(torch.device(args.device))
+    peak, copy = peak_gbps(name), copy_gbps(args.device)
+    for shape in args.shapes.split(","):
+        rows, cols = (int(v) for v in shape.lower().split("x"))
+        for mean_bits in (float(b) for b in args.bits.split(",")):
+            for sparsity in (float(s) for s in args.sparsity.split(",")):
+                built = layer(rows, cols, mean_bits, sparsity, args.device)
+                for batch in (int(b) for b in args.batch.split(",")):
+                    result = case(*built, mean_bits, sparsity, batch, peak, copy)
+                    print(json.dumps({"gpu": name, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
