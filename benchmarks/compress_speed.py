@@ -74,7 +74,16 @@ def solver_check(device: str) -> dict:
         a = sparsegpt_quantize(W, Hinv, bits, prune, fused=True)
         b = sparsegpt_quantize(W, Hinv, bits, prune, fused=False)
         worst = max(worst, float((a.weight - b.weight).abs().max()), float((a.pruned != b.pruned).float().sum()))
-    return {"run": "solver-check", "max_abs_difference": worst}
+        if not prune.nm:  # the same rows as three stacked linears sharing H (q/k/v)
+            split = [rows // 2, rows // 4, rows - rows // 2 - rows // 4]
+            c = sparsegpt_quantize(W, Hinv, bits, prune, fused=True, segments=split)
+            parts = [sparsegpt_quantize(part, Hinv, b_part, prune, fused=False)
+                     for part, b_part in zip(W.split(split), bits.split(split))]
+            stacked = max(float((c.weight - torch.cat([p.weight for p in parts])).abs().max()),
+                          float((c.pruned != torch.cat([p.pruned for p in parts])).float().sum()))
+            worst = max(worst, stacked)
+    return {"run": "solver-check", "max_abs_difference": worst,
+            "what": "fused (Triton or CUDA graph) and stacked sweeps vs the plain per-linear column loop"}
 
 
 def sensitivity_check(prepared, device: str, linears_to_try: int = 24) -> dict:

@@ -162,6 +162,7 @@ def test_triton_block_sweep_matches_the_column_loop():
     from sparsemix.sweep_kernel import triton_columns
 
     gen = torch.Generator().manual_seed(3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU, Triton's interpreter (conftest)
     for rows, width, quantized in [(37, 24, True), (16, 16, False), (5, 7, True)]:
         X = torch.randn(256, width, generator=gen)
         Hinv, _ = inverse_hessian(2 / 256 * X.T @ X, 0.01)
@@ -171,7 +172,8 @@ def test_triton_block_sweep_matches_the_column_loop():
         bits = torch.tensor([2, 3, 4, 6, 8, 16] * 7)[:rows]
         maxq = maxq_for_bits(bits)[:, None]
         scale, zero = grid_params(W, maxq[:, 0])
-        expected = sweep_columns(W.clone(), U, mask.clone(), scale, zero, maxq, None, quantized)
-        got = triton_columns(W.clone(), U, mask.clone(), scale, zero, maxq, quantized)
-        for e, g in zip(expected, got):  # the interpreter does no fused multiply-adds: bit for bit
+        args = [t.to(device) for t in (W, U, mask, scale, zero, maxq)]
+        expected = sweep_columns(args[0].clone(), *args[1:5], args[5], None, quantized)
+        got = triton_columns(args[0].clone(), *args[1:], quantized)
+        for e, g in zip(expected, got):  # no fused multiply-adds, IEEE division: bit for bit
             assert torch.equal(e, g)
