@@ -172,3 +172,49 @@ def test_one_forward_per_layer_is_close_to_true_sequential(family, tiny_model_di
         results[sequential] = (perplexity(model, windows).value, [layer.name for layer in stats.layers])
     assert results[True][1] == results[False][1]  # same linears, same order
     assert results[True][0] == pytest.approx(results[False][0], rel=0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_gives_the_straightforward_result(family, tiny_model_dirs, tiny_data_dir):
+    """Stacked sweeps, stopped statistics passes and replayed submodules change the speed, not the weights."""
+    weights, records = {}, {}
+    for fused in (True, False):
+        model, tokenizer = load_model(tiny_model_dirs[family])
+        calib = calibration_windows("c4", tokenizer, 8, 32, 0, tiny_data_dir)
+        config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0),
+                                   fused=fused)
+        result = compress_model(model, calib, config, batch_size=4)
+        weights[fused] = {name: p.detach().clone() for name, p in model.named_parameters()}
+        records[fused] = result.bits
+    assert weights[True].keys() == weights[False].keys()
+    for name in weights[True]:
+        assert torch.equal(weights[True][name], weights[False][name]), name
+    assert all(torch.equal(records[True][n], records[False][n]) for n in records[False])
+
+
+def test_settled_submodules_replay_exactly(tiny_model_dirs, tiny_data_dir):
+    from sparsemix.layerwise import SettledOutputs, capture_layer_inputs, run_layer
+
+    model, tokenizer = load_model(tiny_model_dirs["llama"])
+    calib = calibration_windows("c4", tokenizer, 4, 32, 0, tiny_data_dir)
+    inputs = capture_layer_inputs(model, calib, 2, "cpu")
+    layer = adapter_for(model).layers(model)[0]
+    linears = list(adapter_for(model).linears(layer))
+    settled = SettledOutputs(layer, linears)
+    attention = {n for n in linears if n.startswith("self_attn.")}
+    with torch.no_grad():
+        expected = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        with settled.replayed({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}):
+            run_layer(layer, inputs.hidden, inputs.kwargs[0])  # records q/k/v
+        assert sorted(settled.recorded) == ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
+        with settled.replayed(attention):  # records self_attn, replaying q/k/v inside it
+            run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        assert list(settled.recorded) == ["self_attn"] and len(settled.recorded["self_attn"]) == 2
+        calls = []
+        hook = layer.self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+        with settled.replayed(attention):
+            replayed = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        hook.remove()
+    assert calls == []  # attention was not recomputed
+    assert all(torch.equal(a, b) for a, b in zip(expected, replayed))
+    assert "forward" not in vars(layer.self_attn)  # the class's forward is back

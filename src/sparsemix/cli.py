@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(c, "--group-size", type=int, default=0, help="columns per scale/zero group (default 0: per row)")
     _option(c, "--sym", action="store_true", help="symmetric grids")
     _option(c, "--mse", action="store_true", help="search a clipping range per row")
-    _option(c, "--no-fused", action="store_true", help="GPU: run the solver's column loop without CUDA graphs")
+    _option(c, "--no-fused", action="store_true", help="take the straightforward path (no stacked sweeps, fused kernels or replayed "
+            "outputs): slower, same result; for checks")
     _option(c, "--forward-precision", default="fp32", choices=("fp32", "tf32", "bf16"),
             help="GPU: precision of the calibration forward passes (default fp32; the solver is always fp32)")
     _option(c, "--no-true-sequential", action="store_true",

@@ -189,7 +189,10 @@ class CompressionConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
-    fused: bool = True  # GPU: each block's column loop as one CUDA graph (False: the plain loop, for checks)
+    # the fast path, same result: stacked sweeps of linears sharing an input, one launch per block's
+    # column loop on a GPU, statistics passes stopped after their linears, settled submodules replayed
+    # (False: the straightforward path, for checks)
+    fused: bool = True
     forward_precision: str = "fp32"  # calibration forward passes on the GPU: fp32, tf32 or bf16 (autocast)
     true_sequential: bool = True  # statistics of each group after the groups before it are compressed
 

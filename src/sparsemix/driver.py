@@ -18,7 +18,7 @@ from .calibration import collect_statistics
 from .checkpoint import LayerCheckpoint, Resumed, run_key
 from .config import CompressionConfig
 from .engine import compress_linears
-from .layerwise import capture_layer_inputs, run_layer, run_layer_until
+from .layerwise import SettledOutputs, capture_layer_inputs, run_layer, run_layer_until
 from .models import adapter_for, calibration_attention
 from .packing import row_grids
 from .sensitivity import output_fisher, plan_model_bits
@@ -96,12 +96,18 @@ def _compress_layers(model, windows, config: CompressionConfig, device, batch_si
         linears = adapter.linears(layer)
         # true sequential: one forward per group, after the groups before it were compressed
         passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
+        settled = SettledOutputs(layer, list(linears))  # the fast path replays what the passes would redo
+        replayed = settled.replayed if config.fused else (lambda *args, **kwargs: nullcontext())
+        done: set[str] = set()  # linears of this layer compressed so far
         for names in passes:
             members = {name: linears[name] for name in names}
             try:
-                with clock("forward"), precision(), \
+                with clock("forward"), precision(), replayed(done), \
                         collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
-                    run_layer_until(layer, hidden, inputs.kwargs[i], list(members.values()))
+                    if config.fused:  # stop after the group's linears: the rest of the layer is not needed
+                        run_layer_until(layer, hidden, inputs.kwargs[i], list(members.values()))
+                    else:
+                        run_layer(layer, hidden, inputs.kwargs[i])
             except FloatingPointError as error:  # name the layer where the numbers went bad
                 raise FloatingPointError(f"layers.{i}.{error}; the run stops here") from None
             for group in _by_shared_input(names, in_stats):  # q/k/v and gate/up: one H, one stacked sweep
@@ -116,7 +122,8 @@ def _compress_layers(model, windows, config: CompressionConfig, device, batch_si
                     result.stats.add(linear_result.stats)
                     result.bits[full_name] = linear_result.bits.to(torch.int8).cpu()
                     result.grids.update(row_grids(full_name, linear_result.bits, linear_result.solve))
-        with clock("forward"), precision():
+            done.update(names)
+        with clock("forward"), precision(), replayed(done, record=False):
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         with clock("other"):
             layer.to(home)

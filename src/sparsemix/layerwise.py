@@ -115,3 +115,56 @@ def run_layer_until(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[d
     finally:
         for handle in handles:
             handle.remove()
+
+
+class SettledOutputs:
+    """Outputs of a layer's submodules whose linears are all compressed: recorded once, replayed after.
+
+    The true-sequential passes each rerun the layer up to the group at hand; a submodule whose
+    linears are all final (q_proj once q/k/v are done, self_attn once o_proj is) returns the same
+    tensors on every later pass, so recomputing it is waste. Exact: the tensors are the same ones.
+    """
+
+    def __init__(self, layer: nn.Module, linear_names: list[str]):
+        self.layer, self.linear_names = layer, linear_names
+        self.recorded: dict[str, list] = {}
+
+    def _plan(self, module: nn.Module, prefix: str, done: set[str], record: bool):
+        """(path, module, replay?) for the outermost settled submodules; inside one that is
+        recorded now, the settled submodules already recorded are replayed."""
+        for name, child in module.named_children():
+            path = prefix + name
+            inside = {n for n in self.linear_names if n == path or n.startswith(path + ".")}
+            if not inside:
+                continue
+            settled = inside <= done
+            if settled and path in self.recorded:
+                yield path, child, True
+                continue
+            if settled and record:
+                yield path, child, False
+            yield from self._plan(child, path + ".", done, record)
+
+    @contextmanager
+    def replayed(self, done: set[str], record: bool = True):
+        """Within the block, settled submodules (all their linears in ``done``) replay what they
+        returned before, batch by batch; with ``record``, those seen first are recorded."""
+        handles, patched, outer = [], [], []
+        for path, module, replay in list(self._plan(self.layer, "", done, record)):
+            if replay:
+                outputs = iter(self.recorded[path])
+                module.forward = lambda *args, _outputs=outputs, **kwargs: next(_outputs)
+                patched.append(module)
+            else:
+                store = self.recorded.setdefault(path, [])
+                handles.append(module.register_forward_hook(lambda m, a, out, _store=store: _store.append(out)))
+            outer.append(path)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in patched:
+                del module.forward  # back to the class's forward
+            for inner in [p for p in self.recorded if any(p.startswith(o + ".") for o in outer)]:
+                del self.recorded[inner]  # inside a module that is now recorded: never needed again
