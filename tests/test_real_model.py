@@ -55,3 +55,14 @@ def test_compress_real_model_sanely(smollm2):
     assert result.stats.channel_average_bits == pytest.approx(4.0, abs=1e-3)
     compressed = perplexity(model, windows, batch_size=8).value
     assert math.isfinite(compressed) and dense < compressed < 50 * dense
+
+
+def test_gguf_model_saves_as_a_plain_checkpoint(smollm2, tmp_path):
+    """transformers refuses to save GGUF-quantised models; ours is dequantised, so --save must work."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = smollm2
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert getattr(again.config, "quantization_config", None) is None
+    assert (again.model.layers[0].mlp.up_proj.weight == model.model.layers[0].mlp.up_proj.weight).all()

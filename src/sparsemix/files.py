@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 
+def _usual_mode(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the mode open()/mkdir() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(temporary_path)`` fills the file (any writer that takes a path), then it is renamed to ``path``."""
     path = Path(path)
@@ -18,6 +25,7 @@ def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Non
     os.close(fd)
     try:
         write(tmp)
+        _usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +54,7 @@ def write_directory(directory: str | os.PathLike, fill: Callable[[Path], None]) 
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         fill(staging)
+        _usual_mode(staging, directory=True)
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(retired, ignore_errors=True)

@@ -122,6 +122,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         ) from None
     model.eval()
     model.config.use_cache = False
+    if gguf_file:  # transformers dequantised the GGUF file: plain float weights, savable like any model
+        model.hf_quantizer, model.is_quantized = None, False
+        vars(model.config).pop("quantization_config", None)
     adapter_for(model)  # fail early on an unsupported family
     return model, tokenizer
 
