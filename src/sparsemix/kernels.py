@@ -19,8 +19,8 @@ Grid: (row blocks, column chunks) -- split-K so batch 1 fills the GPU. A program
 32 columns (one mask word per row) at a time: kept bit and rank of each column come from the mask
 word by shift and popcount, the code from one (two for 3/6 bits) int32 load at bit
 ``chunk_off + rank * width``; it dequantises ``(code - zero) * scale`` in fp32 (16-bit rows: the
-fp16 pattern) and multiplies by x. Batch < 8: broadcast multiply, fp32 accumulation, one column
-reduction at the end; batch >= 8: ``tl.dot`` on fp16 tiles. Partial rows are atomically added into
+fp16 pattern) and multiplies by x. Batch 1: broadcast multiply, fp32 accumulation, one column
+reduction at the end; batch >= DOT_BATCH: ``tl.dot`` on fp16 tiles padded to 16 tokens. Partial rows are atomically added into
 a zeroed fp32 y at their original index perm[r]. All index arithmetic is int32 (asserted to fit).
 
 Imported only when a CUDA input (or ``TRITON_INTERPRET=1`` test) needs it: CPU installs need no Triton.
@@ -33,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 1024  # columns per program (multiple of 32): 4096 x 4096 -> 128 row blocks x 4 chunks
+CHUNK = 1024  # target columns per program: 4096 x 4096 -> 128 row blocks x 4 chunks = 512 programs
 BLOCK_R = 32  # rows per program
 MAX_BATCH = 16
-DOT_BATCH = 8  # from this batch on, tl.dot (padded to 16) beats the broadcast multiply
+DOT_BATCH = 2  # from batch 2 on, tl.dot padded to 16 tokens (SASS: ~27 vs ~67 instructions per weight at batch 4)
 WIDTHS = (2, 3, 4, 6, 8, 16)
 INT32_MAX = 2**31 - 1
 
@@ -61,8 +61,8 @@ def _popc(v, USE_ASM: tl.constexpr):
 def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr,
            row0, row_end, word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS,
            W: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, GROUP_TILE: tl.constexpr,
-           CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
-           USE_ASM: tl.constexpr):
+           CHUNK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+           USE_DOT: tl.constexpr, USE_ASM: tl.constexpr):
     """Rows row0..row_end-1 (all of width W) times columns of chunk pid_k, added into y."""
     rows = row0 + tl.arange(0, BLOCK_R)
     row_ok = rows < row_end
@@ -81,14 +81,16 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
     for t in range(CHUNK // 32):  # a ragged last chunk runs its tail tiles fully masked
         col0 = pid_k * CHUNK + t * 32
         cols = col0 + lane
+        col_ok = (cols < K) | EVEN_K  # EVEN_K: chunks tile the columns, no column checks
+        tile_ok = (col0 < K) | EVEN_K
         if HAS_MASK:  # one mask word per row and 32 columns; rank = kept bits below the column
-            m = tl.load(mask_ptr + rows * MASK_WORDS + col0 // 32, mask=row_ok & (col0 < K), other=0)
+            m = tl.load(mask_ptr + rows * MASK_WORDS + col0 // 32, mask=row_ok & tile_ok, other=0)
             m = m.to(tl.uint32, bitcast=True)
             kept = ((m[:, None] >> lane[None, :]) & 1) != 0
             rank = _popc(m[:, None] & below[None, :], USE_ASM)
             count = _popc(m, USE_ASM)
         else:
-            kept = row_ok[:, None] & (cols < K)[None, :]
+            kept = row_ok[:, None] & col_ok[None, :]
             rank = lane[None, :]
             count = 32
         pos = off[:, None] + rank * W
@@ -106,8 +108,8 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
             if GROUPED:
                 if GROUP_TILE:  # group size a multiple of 32: one group per row and tile
                     g = rows * G + col0 // GROUP_SIZE
-                    s = tl.load(scale_ptr + g, mask=row_ok & (col0 < K), other=1.0).to(tl.float32)[:, None]
-                    z = tl.load(zero_ptr + g, mask=row_ok & (col0 < K), other=0.0).to(tl.float32)[:, None]
+                    s = tl.load(scale_ptr + g, mask=row_ok & tile_ok, other=1.0).to(tl.float32)[:, None]
+                    z = tl.load(zero_ptr + g, mask=row_ok & tile_ok, other=0.0).to(tl.float32)[:, None]
                 else:
                     g = rows[:, None] * G + (cols // GROUP_SIZE)[None, :]
                     s = tl.load(scale_ptr + g, mask=kept, other=1.0).to(tl.float32)
@@ -117,11 +119,11 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
             w = (code.to(tl.float32) - z) * s
         w = tl.where(kept, w, 0.0)
         if BLOCK_B == 1:
-            xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc += w * xv[None, :]
         else:
             xt = tl.load(x_ptr + batch[None, :] * K + cols[:, None],
-                         mask=(batch < B)[None, :] & (cols < K)[:, None], other=0.0)  # [32, BLOCK_B]
+                         mask=(batch < B)[None, :] & col_ok[:, None], other=0.0)  # [32, BLOCK_B]
             if USE_DOT:
                 acc += tl.dot(w.to(tl.float16), xt)
             else:
@@ -138,8 +140,8 @@ def _packed_matmul_kernel(
     x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr,
     B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS,
     PRESENT: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, GROUP_TILE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    CHUNK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """One program: the row block table[pid 0] (one width) x column chunk pid 1. PRESENT: bit w set
     when width w occurs, so only those widths are compiled; the branch is uniform per program."""
@@ -151,27 +153,27 @@ def _packed_matmul_kernel(
     if (PRESENT >> 2) & 1:
         if width == 2:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 2, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 2, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
     if (PRESENT >> 3) & 1:
         if width == 3:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 3, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 3, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
     if (PRESENT >> 4) & 1:
         if width == 4:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 4, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 4, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
     if (PRESENT >> 6) & 1:
         if width == 6:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 6, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 6, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
     if (PRESENT >> 8) & 1:
         if width == 8:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 8, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 8, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
     if (PRESENT >> 16) & 1:
         if width == 16:
             _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 16, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 16, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
 def _signed32(words: torch.Tensor) -> torch.Tensor:
@@ -194,6 +196,16 @@ def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torc
     return _signed32(torch.cat(parts)), bases
 
 
+def chunk_columns(cols: int) -> int:
+    """Columns per program: a multiple of 32 near CHUNK that divides cols when one does (no column
+    checks in the kernel then; 11008 -> 1376), else CHUNK."""
+    if cols % 32:
+        return CHUNK
+    tiles = cols // 32
+    near = [d for d in range(CHUNK // 64, CHUNK // 16 + 1) if tiles % d == 0]
+    return 32 * min(near, key=lambda d: abs(d - CHUNK // 32)) if near else CHUNK
+
+
 def kernel_meta(module) -> dict:
     """Device-side arrangement of a PackedLinear for the kernel (see the module docstring)."""
     packed = module.packed()
@@ -201,9 +213,10 @@ def kernel_meta(module) -> dict:
     rows, cols = packed.rows, packed.cols
     widths = packed.row_widths.to(device)
     assert set(packed.widths) <= set(WIDTHS), f"the kernel takes widths {WIDTHS}, got {sorted(packed.widths)}"
-    n_chunks = -(-cols // CHUNK)
+    chunk = chunk_columns(cols)
+    n_chunks = -(-cols // chunk)
     kept = packed.kept()
-    per_chunk = torch.nn.functional.pad(kept, (0, n_chunks * CHUNK - cols)).view(rows, n_chunks, CHUNK).sum(-1)
+    per_chunk = torch.nn.functional.pad(kept, (0, n_chunks * chunk - cols)).view(rows, n_chunks, chunk).sum(-1)
     row_bits = per_chunk.sum(1) * widths
     row_start = torch.cumsum(row_bits, 0) - row_bits  # in the file's stream: offsets follow from the mask
     segments, table, seg_row = [], [], 0
@@ -236,7 +249,7 @@ def kernel_meta(module) -> dict:
     return {"codes": codes, "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
             "chunk_off": chunk_off.to(torch.int32).contiguous(),
             "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale.contiguous(),
-            "zero": zero.contiguous(), "groups": groups, "n_chunks": n_chunks,
+            "zero": zero.contiguous(), "groups": groups, "n_chunks": n_chunks, "chunk": chunk,
             "present": sum(1 << w for w in packed.widths)}
 
 
@@ -265,7 +278,7 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
         flat, y, meta["codes"], mask, meta["table"], meta["chunk_off"], meta["perm"], meta["scale"], meta["zero"],
         batch, rows, cols, meta["groups"], group_size, -(-cols // 32), meta["n_chunks"],
         PRESENT=meta["present"], HAS_MASK=meta["mask"] is not None, GROUPED=meta["groups"] > 1,
-        GROUP_TILE=group_size % 32 == 0, CHUNK=CHUNK, BLOCK_R=BLOCK_R, BLOCK_B=block_b,
+        GROUP_TILE=group_size % 32 == 0, CHUNK=meta["chunk"], EVEN_K=cols % meta["chunk"] == 0, BLOCK_R=BLOCK_R, BLOCK_B=block_b,
         USE_DOT=block_b >= DOT_BATCH, USE_ASM=not _interpreted(),
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], rows)
