@@ -19,6 +19,8 @@ CASES = [  # rows, cols, widths, sparsity, group size, batch
     (100, 2090, (3, 4, 6), 0.5, 2090, 1),  # segments over several row blocks and column chunks, ragged
     (70, 1050, (2, 4, 8, 16), 0.0, 48, 8),  # dense, groups not a multiple of 32, tl.dot batch
     (45, 77, (4, 6), 0.7, 77, 2),  # mask rows of 10 bytes, padded to 12
+    (40, 2048, (2, 3, 4), 0.5, 128, 1),  # chunks tile the columns exactly (no column checks), groups per tile
+    (24, 1376, (6, 8), 0.0, 1376, 4),  # a 43-tile chunk that divides the columns
 ]
 
 

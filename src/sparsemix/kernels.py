@@ -69,11 +69,12 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
     off = tl.load(chunk_off_ptr + rows * N_CHUNKS + pid_k, mask=row_ok, other=0)  # bit of the chunk's 1st code
     codes_ptr += word_base
     lane = tl.arange(0, 32)
-    below = (tl.full([32], 1, tl.uint32) << lane) - 1  # bits under column lane
+    bit = tl.full([32], 1, tl.uint32) << lane  # column lane's bit in a mask word
+    below = bit - 1  # bits of the columns before it
     batch = tl.arange(0, BLOCK_B)
     if W < 16:
         scale_r = tl.load(scale_ptr + rows * G, mask=row_ok, other=1.0).to(tl.float32)
-        zero_r = tl.load(zero_ptr + rows * G, mask=row_ok, other=0.0).to(tl.float32)
+        shift_r = -tl.load(zero_ptr + rows * G, mask=row_ok, other=0.0).to(tl.float32) * scale_r
     if BLOCK_B == 1:
         acc = tl.zeros([BLOCK_R, 32], dtype=tl.float32)  # reduced over columns once, after the loop
     else:
@@ -86,7 +87,7 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
         if HAS_MASK:  # one mask word per row and 32 columns; rank = kept bits below the column
             m = tl.load(mask_ptr + rows * MASK_WORDS + col0 // 32, mask=row_ok & tile_ok, other=0)
             m = m.to(tl.uint32, bitcast=True)
-            kept = ((m[:, None] >> lane[None, :]) & 1) != 0
+            kept = (m[:, None] & bit[None, :]) != 0
             rank = _popc(m[:, None] & below[None, :], USE_ASM)
             count = _popc(m, USE_ASM)
         else:
@@ -96,7 +97,8 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
         pos = off[:, None] + rank * W
         word = pos >> 5
         shift = (pos & 31).to(tl.uint32)
-        code = tl.load(codes_ptr + word, mask=kept, other=0).to(tl.uint32, bitcast=True) >> shift
+        # unmasked: every position lies inside the stream or its padding; pruned columns are zeroed below
+        code = tl.load(codes_ptr + word).to(tl.uint32, bitcast=True) >> shift
         if W == 3 or W == 6:  # only these straddle: the rest comes from the next word
             hi = tl.load(codes_ptr + word + 1, mask=kept & (shift > 32 - W), other=0).to(tl.uint32, bitcast=True)
             code = code | ((hi << 1) << (31 - shift))  # two shifts: a shift by 32 is undefined
@@ -108,15 +110,16 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
             if GROUPED:
                 if GROUP_TILE:  # group size a multiple of 32: one group per row and tile
                     g = rows * G + col0 // GROUP_SIZE
-                    s = tl.load(scale_ptr + g, mask=row_ok & tile_ok, other=1.0).to(tl.float32)[:, None]
-                    z = tl.load(zero_ptr + g, mask=row_ok & tile_ok, other=0.0).to(tl.float32)[:, None]
+                    s = tl.load(scale_ptr + g, mask=row_ok & tile_ok, other=1.0).to(tl.float32)
+                    z = -tl.load(zero_ptr + g, mask=row_ok & tile_ok, other=0.0).to(tl.float32) * s
+                    s, z = s[:, None], z[:, None]
                 else:
                     g = rows[:, None] * G + (cols // GROUP_SIZE)[None, :]
                     s = tl.load(scale_ptr + g, mask=kept, other=1.0).to(tl.float32)
-                    z = tl.load(zero_ptr + g, mask=kept, other=0.0).to(tl.float32)
+                    z = -tl.load(zero_ptr + g, mask=kept, other=0.0).to(tl.float32) * s
             else:
-                s, z = scale_r[:, None], zero_r[:, None]
-            w = (code.to(tl.float32) - z) * s
+                s, z = scale_r[:, None], shift_r[:, None]
+            w = code.to(tl.float32) * s + z  # (code - zero) * scale as one FMA
         w = tl.where(kept, w, 0.0)
         if BLOCK_B == 1:
             xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -192,7 +195,7 @@ def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torc
         parts.append(part)
         bases.append(base)
         base += n
-    parts.append(codes.new_zeros(1, dtype=torch.int64))  # a word past the end for the straddle load
+    parts.append(codes.new_zeros(17, dtype=torch.int64))  # padding: loads of pruned or past-the-end columns
     return _signed32(torch.cat(parts)), bases
 
 
