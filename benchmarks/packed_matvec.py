@@ -75,20 +75,19 @@ def layer(rows: int, cols: int, mean_bits: float, sparsity: float, device: str):
 def case(module, packed, weight, bits, mean_bits: float, sparsity: float, batch: int, peak, copy) -> dict:
     from triton.testing import do_bench_cudagraph
 
-    from sparsemix.kernels import packed_matmul
+    from sparsemix.kernels import kernel_bytes, packed_matmul
 
     rows, cols = weight.shape
     x = torch.randn(batch, cols, dtype=torch.float16, device=weight.device)
     error = float((packed_matmul(x, module).float() - x.float() @ weight.float().T).abs().max())
     dense_us = do_bench_cudagraph(lambda: torch.matmul(x, weight.T)) * 1e3
     kernel_us = do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3
-    meta = module.kernel_meta
-    read = packed.nbytes() + sum(meta[k].numel() * meta[k].element_size() for k in ("width", "chunk_off", "perm"))
-    read += x.numel() * 2 + batch * rows * 4  # activations in, fp32 partial sums out
+    read = kernel_bytes(module.kernel_meta, batch, rows, cols)  # its arrangement of the weight, x in, fp32 y out
     achieved = read / kernel_us / 1e3
     return {"shape": [rows, cols], "mean_bits": mean_bits, "code_bits": float(bits.float().mean()),
             "sparsity": sparsity, "batch": batch, "fp16_us": dense_us, "kernel_us": kernel_us,
-            "speedup": dense_us / kernel_us, "bytes_read": read, "fp16_bytes": weight.numel() * 2,
+            "speedup": dense_us / kernel_us, "bytes_read": read, "file_bytes": packed.nbytes(),
+            "fp16_bytes": weight.numel() * 2,
             "achieved_gbps": achieved, "peak_gbps": peak, "fraction_of_peak": achieved / peak if peak else None,
             "copy_gbps": copy, "max_abs_error": error}
 

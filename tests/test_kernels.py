@@ -16,6 +16,11 @@ CASES = [  # rows, cols, widths, sparsity, group size, batch
     (33, 1100, (2, 3, 4, 6, 8), 0.5, 64, 3),
     (8, 64, (16,), 0.3, 64, 16),
     (21, 96, (3,), 0.0, 96, 1),
+    (100, 2090, (3, 4, 6), 0.5, 2090, 1),  # segments over several row blocks and column chunks, ragged
+    (70, 1050, (2, 4, 8, 16), 0.0, 48, 8),  # dense, groups not a multiple of 32, tl.dot batch
+    (45, 77, (4, 6), 0.7, 77, 2),  # mask rows of 10 bytes, padded to 12
+    (40, 2048, (2, 3, 4), 0.5, 128, 1),  # chunks tile the columns exactly (no column checks), groups per tile
+    (24, 1376, (6, 8), 0.0, 1376, 4),  # a 43-tile chunk that divides the columns
 ]
 
 

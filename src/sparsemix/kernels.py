@@ -1,102 +1,266 @@
 """Triton kernel for y = x W^T with W in the packed format (``packing.py``), for decode batches.
 
-One launch per linear covers every width: each program takes BLOCK_R packed rows and one chunk of
-CHUNK columns (split-K, so a batch-1 matvec still fills the GPU), walks the chunk in tiles of
-BLOCK_K columns, finds each kept weight's rank in its row's code stream from the kept-mask
-(running offset + in-tile prefix count), pulls its ``width`` bits out of the 64-bit window of the
-two words holding them, dequantises ``(code - zero) * scale`` (16-bit rows: the fp16 pattern) and
-accumulates ``w @ x^T`` in fp32; rows are atomically added to y at their original index perm[r].
+Layouts the kernel reads (built once per linear by ``kernel_meta``; bytes within a few words per
+width segment of the file's):
+
+* ``codes``  int32 [words]: the file's bitstream, cut into one stream per width segment (rows are
+  sorted by width, so each width is one contiguous row range) and re-aligned so each segment starts
+  at bit 0 of a word (``word_base`` in the block table). Inside a segment every row starts at a
+  multiple of its width, so 2/4/8/16-bit codes never straddle a word; 3- and 6-bit codes may.
+* ``mask``   int32 [rows, ceil(cols / 32)]: the kept bitmask read as 32-bit words (column j is bit
+  j % 32 of word j // 32; the file's bytes, padded per row to 4 bytes when needed). Absent when dense.
+* ``chunk_off`` int32 [rows, n_chunks]: bit offset, inside the row's segment stream, of the first
+  kept code at column c * CHUNK (derived from the mask; nothing extra is stored in the file).
+* ``table``  int32 [row blocks, 4]: (first row, end row, width, word_base) per block of BLOCK_R rows;
+  a block never spans two widths, so each program runs one compile-time width.
+* ``perm`` int32 [rows], ``scale``/``zero`` fp16 [quantized rows, groups] as in the file.
+
+Grid: (row blocks, column chunks) -- split-K so batch 1 fills the GPU. A program walks its chunk
+32 columns (one mask word per row) at a time: kept bit and rank of each column come from the mask
+word by shift and popcount, the code from one (two for 3/6 bits) int32 load at bit
+``chunk_off + rank * width``; it dequantises ``(code - zero) * scale`` in fp32 (16-bit rows: the
+fp16 pattern) and multiplies by x. Batch 1: broadcast multiply, fp32 accumulation, one column
+reduction at the end; batch >= DOT_BATCH: ``tl.dot`` on fp16 tiles padded to 16 tokens. Partial rows are atomically added into
+a zeroed fp32 y at their original index perm[r]. All index arithmetic is int32 (asserted to fit).
 
 Imported only when a CUDA input (or ``TRITON_INTERPRET=1`` test) needs it: CPU installs need no Triton.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-CHUNK = 1024  # columns per program; chunk start offsets are precomputed per row
-BLOCK_R = 16
-BLOCK_K = 128
+CHUNK = 1024  # target columns per program: 4096 x 4096 -> 128 row blocks x 4 chunks = 512 programs
+BLOCK_R = 32  # rows per program
 MAX_BATCH = 16
+DOT_BATCH = 2  # from batch 2 on, tl.dot padded to 16 tokens (SASS: ~27 vs ~67 instructions per weight at batch 4)
+WIDTHS = (2, 3, 4, 6, 8, 16)
+INT32_MAX = 2**31 - 1
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _popc(v, USE_ASM: tl.constexpr):
+    """Set bits of each uint32 in v, as int32."""
+    if USE_ASM:  # one instruction on NVIDIA GPUs
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    else:  # the interpreter has no inline asm: SWAR bit count
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return ((v * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr,
+           row0, row_end, word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS,
+           W: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, GROUP_TILE: tl.constexpr,
+           CHUNK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+           USE_DOT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Rows row0..row_end-1 (all of width W) times columns of chunk pid_k, added into y."""
+    rows = row0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < row_end
+    off = tl.load(chunk_off_ptr + rows * N_CHUNKS + pid_k, mask=row_ok, other=0)  # bit of the chunk's 1st code
+    codes_ptr += word_base
+    lane = tl.arange(0, 32)
+    bit = tl.full([32], 1, tl.uint32) << lane  # column lane's bit in a mask word
+    below = bit - 1  # bits of the columns before it
+    batch = tl.arange(0, BLOCK_B)
+    if W < 16:
+        scale_r = tl.load(scale_ptr + rows * G, mask=row_ok, other=1.0).to(tl.float32)
+        shift_r = -tl.load(zero_ptr + rows * G, mask=row_ok, other=0.0).to(tl.float32) * scale_r
+    if BLOCK_B == 1:
+        acc = tl.zeros([BLOCK_R, 32], dtype=tl.float32)  # reduced over columns once, after the loop
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
+    for t in range(CHUNK // 32):  # a ragged last chunk runs its tail tiles fully masked
+        col0 = pid_k * CHUNK + t * 32
+        cols = col0 + lane
+        col_ok = (cols < K) | EVEN_K  # EVEN_K: chunks tile the columns, no column checks
+        tile_ok = (col0 < K) | EVEN_K
+        if HAS_MASK:  # one mask word per row and 32 columns; rank = kept bits below the column
+            m = tl.load(mask_ptr + rows * MASK_WORDS + col0 // 32, mask=row_ok & tile_ok, other=0)
+            m = m.to(tl.uint32, bitcast=True)
+            kept = (m[:, None] & bit[None, :]) != 0
+            rank = _popc(m[:, None] & below[None, :], USE_ASM)
+            count = _popc(m, USE_ASM)
+        else:
+            kept = row_ok[:, None] & col_ok[None, :]
+            rank = lane[None, :]
+            count = 32
+        pos = off[:, None] + rank * W
+        word = pos >> 5
+        shift = (pos & 31).to(tl.uint32)
+        # unmasked: every position lies inside the stream or its padding; pruned columns are zeroed below
+        code = tl.load(codes_ptr + word).to(tl.uint32, bitcast=True) >> shift
+        if W == 3 or W == 6:  # only these straddle: the rest comes from the next word
+            hi = tl.load(codes_ptr + word + 1, mask=kept & (shift > 32 - W), other=0).to(tl.uint32, bitcast=True)
+            code = code | ((hi << 1) << (31 - shift))  # two shifts: a shift by 32 is undefined
+        code = code & ((1 << W) - 1)
+        off += count * W
+        if W == 16:
+            w = code.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            if GROUPED:
+                if GROUP_TILE:  # group size a multiple of 32: one group per row and tile
+                    g = rows * G + col0 // GROUP_SIZE
+                    s = tl.load(scale_ptr + g, mask=row_ok & tile_ok, other=1.0).to(tl.float32)
+                    z = -tl.load(zero_ptr + g, mask=row_ok & tile_ok, other=0.0).to(tl.float32) * s
+                    s, z = s[:, None], z[:, None]
+                else:
+                    g = rows[:, None] * G + (cols // GROUP_SIZE)[None, :]
+                    s = tl.load(scale_ptr + g, mask=kept, other=1.0).to(tl.float32)
+                    z = -tl.load(zero_ptr + g, mask=kept, other=0.0).to(tl.float32) * s
+            else:
+                s, z = scale_r[:, None], shift_r[:, None]
+            w = code.to(tl.float32) * s + z  # (code - zero) * scale as one FMA
+        w = tl.where(kept, w, 0.0)
+        if BLOCK_B == 1:
+            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += w * xv[None, :]
+        else:
+            xt = tl.load(x_ptr + batch[None, :] * K + cols[:, None],
+                         mask=(batch < B)[None, :] & col_ok[:, None], other=0.0)  # [32, BLOCK_B]
+            if USE_DOT:
+                acc += tl.dot(w.to(tl.float16), xt)
+            else:
+                acc += tl.sum(w[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
+    perm = tl.load(perm_ptr + rows, mask=row_ok, other=0)
+    if BLOCK_B == 1:
+        tl.atomic_add(y_ptr + perm, tl.sum(acc, axis=1), mask=row_ok)
+    else:
+        tl.atomic_add(y_ptr + batch[None, :] * R + perm[:, None], acc, mask=row_ok[:, None] & (batch < B)[None, :])
 
 
 @triton.jit
 def _packed_matmul_kernel(
-    x_ptr, y_ptr, codes_ptr, mask_ptr, width_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr,
-    B, R, K, Q, G, GROUP_SIZE, MASK_BYTES, N_CHUNKS,
-    HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr,
+    B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS,
+    PRESENT: tl.constexpr, HAS_MASK: tl.constexpr, GROUPED: tl.constexpr, GROUP_TILE: tl.constexpr,
+    CHUNK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr, USE_ASM: tl.constexpr,
 ):
+    """One program: the row block table[pid 0] (one width) x column chunk pid 1. PRESENT: bit w set
+    when width w occurs, so only those widths are compiled; the branch is uniform per program."""
     pid_r, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    width = tl.load(width_ptr + rows, mask=row_ok, other=2)
-    width64 = width.to(tl.uint64)
-    code_mask = (tl.full([BLOCK_R], 1, tl.uint64) << width64) - 1
-    offset = tl.load(chunk_off_ptr + rows.to(tl.int64) * N_CHUNKS + pid_k, mask=row_ok, other=0)  # bit position
-    quantized = width < 16
-    grid_row = tl.minimum(rows, Q - 1).to(tl.int64)  # rows sorted by width: quantized rows come first
-    if not GROUPED:
-        scale = tl.load(scale_ptr + grid_row * G, mask=row_ok & quantized, other=1.0).to(tl.float32)
-        zero = tl.load(zero_ptr + grid_row * G, mask=row_ok & quantized, other=0.0).to(tl.float32)
-    batch = tl.arange(0, BLOCK_B)
-    acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
-    for tile in range(CHUNK // BLOCK_K):
-        cols = pid_k * CHUNK + tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        inside = row_ok[:, None] & (cols < K)[None, :]
-        if HAS_MASK:
-            byte = tl.load(mask_ptr + rows[:, None].to(tl.int64) * MASK_BYTES + (cols // 8)[None, :],
-                           mask=inside, other=0)
-            kept = ((byte.to(tl.int32) >> (cols % 8)[None, :]) & 1) == 1
-        else:
-            kept = inside
-        kept_i = kept.to(tl.int32)
-        rank = (tl.cumsum(kept_i, axis=1) - kept_i).to(tl.int64)  # kept weights before this one in the tile
-        pos = offset[:, None] + rank * width[:, None]
-        word = pos >> 5
-        shift = (pos & 31).to(tl.uint64)
-        lo = tl.load(codes_ptr + word, mask=kept, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        straddles = kept & ((pos & 31) + width[:, None] > 32)
-        hi = tl.load(codes_ptr + word + 1, mask=straddles, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        code = ((lo | (hi << 32)) >> shift) & code_mask[:, None]
-        offset += tl.sum(kept_i, axis=1).to(tl.int64) * width
-        if GROUPED:
-            g = grid_row[:, None] * G + (cols // GROUP_SIZE)[None, :]
-            scale_t = tl.load(scale_ptr + g, mask=inside & quantized[:, None], other=1.0).to(tl.float32)
-            zero_t = tl.load(zero_ptr + g, mask=inside & quantized[:, None], other=0.0).to(tl.float32)
-        else:
-            scale_t, zero_t = scale[:, None], zero[:, None]
-        w_q = (code.to(tl.float32) - zero_t) * scale_t
-        w_16 = code.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        w = tl.where(kept, tl.where(quantized[:, None], w_q, w_16), 0.0).to(tl.float16)
-        xt = tl.load(x_ptr + batch[None, :] * K + cols[:, None], mask=(batch < B)[None, :] & (cols < K)[:, None],
-                     other=0.0)  # [BLOCK_K, BLOCK_B]
-        acc += tl.dot(w, xt)
-    perm = tl.load(perm_ptr + rows, mask=row_ok, other=0)
-    tl.atomic_add(y_ptr + batch[None, :] * R + perm[:, None], acc, mask=row_ok[:, None] & (batch < B)[None, :])
+    row0 = tl.load(table_ptr + pid_r * 4)
+    row_end = tl.load(table_ptr + pid_r * 4 + 1)
+    width = tl.load(table_ptr + pid_r * 4 + 2)
+    word_base = tl.load(table_ptr + pid_r * 4 + 3)
+    if (PRESENT >> 2) & 1:
+        if width == 2:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 2, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    if (PRESENT >> 3) & 1:
+        if width == 3:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 3, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    if (PRESENT >> 4) & 1:
+        if width == 4:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 4, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    if (PRESENT >> 6) & 1:
+        if width == 6:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 6, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    if (PRESENT >> 8) & 1:
+        if width == 8:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 8, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    if (PRESENT >> 16) & 1:
+        if width == 16:
+            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 16, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+
+
+def _signed32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> the same bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+    """The bitstream ``codes`` and (start bit, bits) per segment -> one int32 stream in which each
+    segment starts at bit 0 of a word, and each segment's first word there."""
+    words = torch.cat([codes.to(torch.int64) & 0xFFFFFFFF, codes.new_zeros(2, dtype=torch.int64)])
+    parts, bases, base = [], [], 0
+    for start, bits in segments:
+        first, shift, n = start // 32, start % 32, -(-bits // 32)
+        part = ((words[first:first + n] >> shift) | (words[first + 1:first + n + 1] << (32 - shift))) & 0xFFFFFFFF
+        parts.append(part)
+        bases.append(base)
+        base += n
+    parts.append(codes.new_zeros(17, dtype=torch.int64))  # padding: loads of pruned or past-the-end columns
+    return _signed32(torch.cat(parts)), bases
+
+
+def chunk_columns(cols: int) -> int:
+    """Columns per program: a multiple of 32 near CHUNK that divides cols when one does (no column
+    checks in the kernel then; 11008 -> 1376), else CHUNK."""
+    if cols % 32:
+        return CHUNK
+    tiles = cols // 32
+    near = [d for d in range(CHUNK // 64, CHUNK // 16 + 1) if tiles % d == 0]
+    return 32 * min(near, key=lambda d: abs(d - CHUNK // 32)) if near else CHUNK
 
 
 def kernel_meta(module) -> dict:
-    """Per-row device metadata of a PackedLinear: width, bit offset of each CHUNK of columns, perm."""
+    """Device-side arrangement of a PackedLinear for the kernel (see the module docstring)."""
     packed = module.packed()
     device = module.codes.device
     rows, cols = packed.rows, packed.cols
     widths = packed.row_widths.to(device)
-    n_chunks = -(-cols // CHUNK)
-    kept = packed.kept().to(device)
-    per_chunk = torch.nn.functional.pad(kept, (0, n_chunks * CHUNK - cols)).view(rows, n_chunks, CHUNK).sum(-1)
+    assert set(packed.widths) <= set(WIDTHS), f"the kernel takes widths {WIDTHS}, got {sorted(packed.widths)}"
+    chunk = chunk_columns(cols)
+    n_chunks = -(-cols // chunk)
+    kept = packed.kept()
+    per_chunk = torch.nn.functional.pad(kept, (0, n_chunks * chunk - cols)).view(rows, n_chunks, chunk).sum(-1)
     row_bits = per_chunk.sum(1) * widths
-    row_start = torch.cumsum(row_bits, 0) - row_bits  # offsets follow from the mask: none are stored
-    chunk_off = row_start[:, None] + (torch.cumsum(per_chunk, 1) - per_chunk) * widths[:, None]
+    row_start = torch.cumsum(row_bits, 0) - row_bits  # in the file's stream: offsets follow from the mask
+    segments, table, seg_row = [], [], 0
+    for width, n in packed.widths.items():
+        start = int(row_start[seg_row]) if n else 0
+        end = int(row_start[seg_row + n - 1] + row_bits[seg_row + n - 1])
+        segments.append((start, end - start))
+        table += [[r, seg_row + n, width, len(segments) - 1] for r in range(seg_row, seg_row + n, BLOCK_R)]
+        seg_row += n
+    codes, bases = _realign(module.codes, segments)
+    seg_start = torch.tensor([s for s, _ in segments], device=device)
+    seg_of_row = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                         torch.tensor(list(packed.widths.values()), device=device))
+    chunk_off = (row_start - seg_start[seg_of_row])[:, None] + (torch.cumsum(per_chunk, 1) - per_chunk) * widths[:, None]
+    assert max(bits for _, bits in segments) < INT32_MAX - 64 and codes.numel() < INT32_MAX, "bit offsets need int32"
+    for entry in table:
+        entry[3] = bases[entry[3]]
+    mask = None
+    if "mask" in packed.tensors:
+        mask = module.mask
+        mask_words = -(-cols // 32)
+        if mask.shape[1] != 4 * mask_words:
+            mask = torch.nn.functional.pad(mask, (0, 4 * mask_words - mask.shape[1]))
+        mask = mask.contiguous().view(torch.int32)
+        assert rows * mask_words < INT32_MAX
     quantized = int((widths < 16).sum())
     groups = -(-cols // packed.group_size)
     scale = packed.tensors["scale"] if quantized else torch.ones(1, groups, dtype=torch.float16, device=device)
     zero = packed.tensors["zero"] if quantized else torch.zeros(1, groups, dtype=torch.float16, device=device)
-    return {"width": widths.to(torch.int32).contiguous(), "chunk_off": chunk_off.to(torch.int64).contiguous(),
+    return {"codes": codes, "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
+            "chunk_off": chunk_off.to(torch.int32).contiguous(),
             "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale.contiguous(),
-            "zero": zero.contiguous(), "quantized": max(quantized, 1), "groups": groups,
-            "n_chunks": n_chunks, "has_mask": "mask" in packed.tensors}
+            "zero": zero.contiguous(), "groups": groups, "n_chunks": n_chunks, "chunk": chunk,
+            "present": sum(1 << w for w in packed.widths)}
+
+
+def kernel_bytes(meta: dict, batch: int, rows: int, cols: int) -> int:
+    """Bytes one packed_matmul call reads or writes at least once: the arrangement, x and fp32 y."""
+    read = sum(meta[k].numel() * meta[k].element_size()
+               for k in ("codes", "mask", "table", "chunk_off", "perm", "scale", "zero") if meta[k] is not None)
+    return read + batch * cols * 2 + batch * rows * 4
 
 
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
@@ -109,12 +273,15 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     batch = flat.shape[0]
     assert batch <= MAX_BATCH, f"the packed kernel takes at most {MAX_BATCH} tokens, got {batch}"
     y = torch.zeros(batch, rows, dtype=torch.float32, device=x.device)
-    mask = module.mask if meta["has_mask"] else module.codes  # any pointer: never read without a mask
-    grid = (triton.cdiv(rows, BLOCK_R), meta["n_chunks"])
+    block_b = 1 if batch == 1 else (16 if batch >= DOT_BATCH else triton.next_power_of_2(batch))
+    mask = meta["mask"] if meta["mask"] is not None else meta["codes"]  # any pointer: never read when dense
+    group_size = header["group_size"]
+    grid = (meta["table"].shape[0], meta["n_chunks"])
     _packed_matmul_kernel[grid](
-        flat, y, module.codes, mask, meta["width"], meta["chunk_off"], meta["perm"], meta["scale"], meta["zero"],
-        batch, rows, cols, meta["quantized"], meta["groups"], header["group_size"], -(-cols // 8), meta["n_chunks"],
-        HAS_MASK=meta["has_mask"], GROUPED=meta["groups"] > 1, CHUNK=CHUNK,
-        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_B=16,
+        flat, y, meta["codes"], mask, meta["table"], meta["chunk_off"], meta["perm"], meta["scale"], meta["zero"],
+        batch, rows, cols, meta["groups"], group_size, -(-cols // 32), meta["n_chunks"],
+        PRESENT=meta["present"], HAS_MASK=meta["mask"] is not None, GROUPED=meta["groups"] > 1,
+        GROUP_TILE=group_size % 32 == 0, CHUNK=meta["chunk"], EVEN_K=cols % meta["chunk"] == 0, BLOCK_R=BLOCK_R, BLOCK_B=block_b,
+        USE_DOT=block_b >= DOT_BATCH, USE_ASM=not _interpreted(),
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], rows)

@@ -1,0 +1,50 @@
+"""Compile the packed kernel for an H100 (sm_90a) without a GPU and count SASS instructions per weight
+in each width's main loop: a proxy for its cost at batch 1, where issue rate, not DRAM, limits it.
+
+    PYTHONPATH=src python benchmarks/kernel_sass.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparsemix import kernels
+
+NAMES = ["x_ptr", "y_ptr", "codes_ptr", "mask_ptr", "table_ptr", "chunk_off_ptr", "perm_ptr", "scale_ptr", "zero_ptr",
+         "B", "R", "K", "G", "GROUP_SIZE", "MASK_WORDS", "N_CHUNKS"]
+TYPES = ["*fp16", "*fp32"] + ["*i32"] * 5 + ["*fp16", "*fp16"] + ["i32"] * 7
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:
+    const = dict(PRESENT=1 << width, HAS_MASK=sparse, GROUPED=False, GROUP_TILE=True, CHUNK=kernels.CHUNK,
+                 EVEN_K=True, BLOCK_R=kernels.BLOCK_R, BLOCK_B=batch_block, USE_DOT=batch_block > 1, USE_ASM=True)
+    signature = {**dict(zip(NAMES, TYPES)), **{name: "constexpr" for name in const}}
+    compiled = triton.compile(ASTSource(fn=kernels._packed_matmul_kernel, signature=signature, constexprs=const),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    back = [(int(m.group(1), 16), a) for a, text in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", text))
+            and int(m.group(1), 16) < a]  # the one backward branch closes the column loop
+    start, end = back[0]
+    body = sum(start <= a <= end for a, _ in ins)
+    weights_per_thread = kernels.BLOCK_R * 32 / (32 * num_warps)
+    return {"width": width, "sparse": sparse, "batch_block": batch_block, "loop_instructions": body,
+            "per_weight": round(body / weights_per_thread, 1)}
+
+
+if __name__ == "__main__":
+    for width in kernels.WIDTHS:
+        for sparse in (True, False):
+            for batch_block in (1, 16):
+                print(json.dumps(loop_instructions(width, sparse, batch_block)))
