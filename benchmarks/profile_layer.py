@@ -1,86 +1,88 @@
-"""Where one decoder layer's calibration time goes: one JSON line per measurement.
+"""Where compression time goes: the fast path on the first few decoder layers under torch.profiler.
 
-    python benchmarks/profile_layer.py MODEL --data-dir DIR [--device cuda] [--nsamples 128] [--batch-size 8]
+    python benchmarks/profile_layer.py MODEL --data-dir DIR [--layers 4] [--nsamples 128] [--batch-size 8]
+    python benchmarks/profile_layer.py random-smollm2 [--layers 4]    # SmolLM2-135M's shape, random weights
 
-Times (GPU-synchronised wall seconds) on layer 0 over the calibration windows: the bare
-forward; the forward with statistics hooks on all linears; each true-sequential group's
-statistics pass stopped after its linears; the column sweeps of the layer's linears; and the
-profiler's top CUDA kernels of one hooked forward.
+Prints JSON lines: the run's phase seconds; the GPU's busy time against the wall time (idle
+gaps mean the host is the bottleneck); the top CUDA kernels by total time.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 
 import torch
 
-from sparsemix.calibration import collect_statistics
 from sparsemix.config import AllocationConfig, CompressionConfig, PruneConfig
 from sparsemix.data import calibration_windows
-from sparsemix.engine import compress_linears
-from sparsemix.layerwise import capture_layer_inputs, run_layer, run_layer_until
-from sparsemix.models import adapter_for, load_model
+from sparsemix.driver import compress_model
+from sparsemix.models import adapter_for
+from sparsemix.models import load_model as load_real_model
 
 
-def timed(fn, device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+RANDOM = "random-smollm2"
+
+
+def load_model(name: str):
+    """The named model, or (for ``random-smollm2``) SmolLM2-135M's Llama shape with random weights."""
+    if name != RANDOM:
+        return load_real_model(name)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True, use_cache=False)
+    return LlamaForCausalLM(config).eval(), None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
-    windows = calibration_windows("c4", tokenizer, args.nsamples, args.seqlen, 0, args.data_dir)
-    adapter = adapter_for(model)
-    inputs = capture_layer_inputs(model, windows, args.batch_size, args.device)
-    layer = adapter.layers(model)[0].to(args.device)
-    linears = adapter.linears(layer)
-    hidden, kwargs = inputs.hidden, inputs.kwargs[0]
-    emit = lambda **record: print(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
-                                              else "cpu", "batch_size": args.batch_size, **record}), flush=True)
-    emit(what="attention", implementation=str(getattr(model.config, "_attn_implementation", None)))
-    with torch.no_grad():
-        run_layer(layer, hidden, kwargs)  # warm-up
-        emit(what="bare forward", seconds=timed(lambda: run_layer(layer, hidden, kwargs), args.device))
-        with collect_statistics(linears, adapter.sequential):
-            emit(what="forward + statistics of all linears",
-                 seconds=timed(lambda: run_layer(layer, hidden, kwargs), args.device))
-        stats = {}
-        for group in adapter.sequential:
-            members = {name: linears[name] for name in group}
-            with collect_statistics(members, adapter.sequential) as (ins, outs):
-                seconds = timed(lambda: run_layer_until(layer, hidden, kwargs, list(members.values())), args.device)
-            stats[tuple(group)] = (ins, outs)
-            emit(what="statistics pass, stopped after", group=list(group), seconds=seconds)
-        config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
-        for fused in (True, True, False):  # the first fused round includes compiling the kernels
-            for group, (ins, outs) in stats.items():
-                cfg = CompressionConfig(config.prune, allocation=config.allocation, fused=fused)
-                weights = [linears[name].weight.detach().clone() for name in group]
-                seconds = timed(lambda: compress_linears(list(group), weights, ins[group[0]],
-                                                         [outs[n] for n in group], cfg, [None] * len(group),
-                                                         [None] * len(group)), args.device)
-                emit(what="solve", fused=fused, group=list(group), seconds=seconds)
-        if args.device == "cuda":
-            with collect_statistics(linears, adapter.sequential), \
-                    torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                run_layer(layer, hidden, kwargs)
-            top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
-            emit(what="top kernels", kernels=[{"name": e.key[:80], "ms": e.device_time_total / 1e3, "calls": e.count}
-                                              for e in top])
+    del adapter_for(model).layers(model)[args.layers:]
+    if args.model == RANDOM:  # same shapes, random tokens: no model file or corpus needed
+        windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
+    else:
+        windows = calibration_windows("c4", tokenizer, args.nsamples, args.seqlen, 0, args.data_dir)
+    config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
+    compress_model(model, windows, config, "cuda", args.batch_size)  # warm-up: kernels compiled, graphs captured
+    model, tokenizer = load_model(args.model)
+    del adapter_for(model).layers(model)[args.layers:]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = compress_model(model, windows, config, "cuda", args.batch_size)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.device_time_total for e in events) / 1e6
+    device = torch.cuda.get_device_name()
+    print(json.dumps({"device": device, "layers": args.layers, "phases": result.phases, "wall_seconds": wall,
+                      "gpu_kernel_seconds": busy}), flush=True)
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
+        print(json.dumps({"kernel": e.key[:90], "seconds": e.device_time_total / 1e6, "calls": e.count}), flush=True)
+    # the host's side: Python functions by own time (a wait for the GPU shows up in the op that syncs)
+    model, tokenizer = load_model(args.model)
+    del adapter_for(model).layers(model)[args.layers:]
+    host = cProfile.Profile()
+    host.enable()
+    compress_model(model, windows, config, "cuda", args.batch_size)
+    host.disable()
+    stats = pstats.Stats(host)
+    top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:25]  # (file, line, name) -> (.., tottime, ..)
+    for (file, line, name), (_, calls, own, cumulative, _) in top:
+        print(json.dumps({"function": f"{file.split('/')[-1]}:{line}:{name}", "calls": calls,
+                          "own_seconds": own, "cumulative_seconds": cumulative}), flush=True)
 
 
 if __name__ == "__main__":
