@@ -153,30 +153,12 @@ def _packed_matmul_kernel(
     row_end = tl.load(table_ptr + pid_r * 4 + 1)
     width = tl.load(table_ptr + pid_r * 4 + 2)
     word_base = tl.load(table_ptr + pid_r * 4 + 3)
-    if (PRESENT >> 2) & 1:
-        if width == 2:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 2, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
-    if (PRESENT >> 3) & 1:
-        if width == 3:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 3, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
-    if (PRESENT >> 4) & 1:
-        if width == 4:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 4, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
-    if (PRESENT >> 6) & 1:
-        if width == 6:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 6, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
-    if (PRESENT >> 8) & 1:
-        if width == 8:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 8, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
-    if (PRESENT >> 16) & 1:
-        if width == 16:
-            _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                   word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, 16, HAS_MASK, GROUPED, GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
+    for w in tl.static_range(2, 17):  # compile time: a branch only for the widths PRESENT names
+        if (PRESENT >> w) & 1:
+            if width == w:
+                _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0,
+                       row_end, word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, w, HAS_MASK, GROUPED,
+                       GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
 def _signed32(words: torch.Tensor) -> torch.Tensor:
