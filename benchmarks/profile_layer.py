@@ -22,7 +22,6 @@ from sparsemix.driver import compress_model
 from sparsemix.models import adapter_for
 from sparsemix.models import load_model as load_real_model
 
-
 RANDOM = "random-smollm2"
 
 

@@ -4,8 +4,8 @@ Inputs of any leading shape are flattened to tokens: x [..., in_features] -> [N,
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn

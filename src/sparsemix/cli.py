@@ -13,8 +13,14 @@ import tempfile
 from pathlib import Path
 
 from .config import (
-    BIT_METHODS, AllocationConfig, CompressionConfig, ConfigError, ImportanceWeights, PruneConfig,
-    QuantConfig, parse_bit_options,
+    BIT_METHODS,
+    AllocationConfig,
+    CompressionConfig,
+    ConfigError,
+    ImportanceWeights,
+    PruneConfig,
+    QuantConfig,
+    parse_bit_options,
 )
 from .data import CORPORA, CorpusNotFoundError
 from .files import write_json

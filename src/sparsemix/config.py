@@ -56,7 +56,7 @@ class ImportanceWeights:
         return {name: value / total for name, value in self.as_dict().items()}
 
     @classmethod
-    def parse(cls, text: str) -> "ImportanceWeights":
+    def parse(cls, text: str) -> ImportanceWeights:
         """'activation=0.3,hessian=0.2' -> weights; dimensions not named get weight 0."""
         given: dict[str, float] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):

@@ -7,9 +7,9 @@ be on the device, so models larger than the GPU stay on the CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -10,17 +10,23 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import (
-    IMPORTANCE_DIMENSIONS, AllocationConfig, CompressionConfig, ConfigError, ImportanceWeights, PruneConfig,
-    QuantConfig, parse_bit_options,
+    IMPORTANCE_DIMENSIONS,
+    AllocationConfig,
+    CompressionConfig,
+    ConfigError,
+    ImportanceWeights,
+    PruneConfig,
+    QuantConfig,
+    parse_bit_options,
 )
 from .data import resolve_data_dir
 from .files import write_json

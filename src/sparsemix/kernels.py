@@ -154,7 +154,7 @@ def _packed_matmul_kernel(
     width = tl.load(table_ptr + pid_r * 4 + 2)
     word_base = tl.load(table_ptr + pid_r * 4 + 3)
     for w in tl.static_range(2, 17):  # compile time: a branch only for the widths PRESENT names
-        if (PRESENT >> w) & 1:
+        if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
                 _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr, zero_ptr, row0,
                        row_end, word_base, pid_k, B, R, K, G, GROUP_SIZE, MASK_WORDS, N_CHUNKS, w, HAS_MASK, GROUPED,

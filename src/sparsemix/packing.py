@@ -100,7 +100,7 @@ class PackedWeight:
                 "widths": {str(b): n for b, n in self.widths.items()}}
 
     @classmethod
-    def from_header(cls, header: dict, tensors: dict[str, torch.Tensor]) -> "PackedWeight":
+    def from_header(cls, header: dict, tensors: dict[str, torch.Tensor]) -> PackedWeight:
         widths = {int(b): n for b, n in header["widths"].items()}
         return cls(header["rows"], header["cols"], header["group_size"], header["dtype"], widths, tensors)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .allocation import knapsack
 from .calibration import collect_statistics
 from .config import CompressionConfig
-from .layerwise import capture_layer_inputs, run_layer
-from .allocation import knapsack
 from .engine import budget_for, groups_of, option_costs, row_loss_table, solvable_weight
 from .evaluation import window_nll
+from .layerwise import capture_layer_inputs, run_layer
 from .models import adapter_for
 
 

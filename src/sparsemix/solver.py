@@ -12,8 +12,8 @@ import functools
 import importlib.util
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class SolveResult:
     def loss(self) -> float:
         return float(self.row_losses.sum())
 
-    def rows(self, start: int, stop: int) -> "SolveResult":
+    def rows(self, start: int, stop: int) -> SolveResult:
         """Rows ``start:stop``: one linear's part of a stacked sweep."""
         return SolveResult(*(t[start:stop] for t in (self.weight, self.pruned, self.row_losses, self.scale, self.zero)))
 

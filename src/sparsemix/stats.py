@@ -132,7 +132,7 @@ class CompressionStats:
         return {"summary": self.summary(), "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CompressionStats":
+    def from_dict(cls, data: dict) -> CompressionStats:
         layers = []
         for item in data["layers"]:
             item = dict(item, bit_counts={int(b): c for b, c in item["bit_counts"].items()})

@@ -34,7 +34,7 @@ def _sweep_block(W_ptr, U_ptr, mask_ptr, scale_ptr, zero_ptr, maxq_ptr, Q_ptr, E
     scale = tl.load(scale_ptr + r, mask=live, other=1.0)
     zero = tl.load(zero_ptr + r, mask=live, other=0.0)
     maxq = tl.load(maxq_ptr + r, mask=live, other=1.0)  # < 0 marks a row that keeps fp16 floats
-    for i in range(0, width):
+    for i in range(width):
         w = tl.sum(tl.where(c[None, :] == i, W, 0.0), axis=1)  # column i of the tile, as updated so far
         pruned = tl.load(mask_ptr + r * width + i, mask=live, other=0) != 0
         q = tl.where(pruned, 0.0, w)
