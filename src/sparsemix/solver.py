@@ -111,7 +111,7 @@ def sparsegpt_quantize(
             saliency = W1**2 / torch.diag(U1) ** 2
             for a, b in bounds:
                 k = int((b - a) * (i2 - i1) * prune.sparsity)
-                mask1[a:b].view(-1)[torch.topk(saliency[a:b].flatten(), k, largest=False).indices] = True
+                mask1[a:b].view(-1)[torch.topk(saliency[a:b].flatten(), k, largest=False, sorted=False).indices] = True
 
         def regrid(i: int, W1: torch.Tensor = W1, i1: int = i1, i2: int = i2):
             """At a group's first column: its grid from the group's current weights."""
