@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .packing import signed32
+
 CHUNK = 1024  # target columns per program: 4096 x 4096 -> 128 row blocks x 4 chunks = 512 programs
 BLOCK_R = 32  # rows per program
 MAX_BATCH = 16
@@ -161,11 +163,6 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
-def _signed32(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> the same bits as int32."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
     """The bitstream ``codes`` and (start bit, bits) per segment -> one int32 stream in which each
     segment starts at bit 0 of a word, and each segment's first word there."""
@@ -178,7 +175,7 @@ def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torc
         bases.append(base)
         base += n
     parts.append(codes.new_zeros(17, dtype=torch.int64))  # padding: loads of pruned or past-the-end columns
-    return _signed32(torch.cat(parts)), bases
+    return signed32(torch.cat(parts)), bases
 
 
 def chunk_columns(cols: int) -> int:

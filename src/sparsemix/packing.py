@@ -6,13 +6,13 @@ grouped by width, codes of kept weights in one bitstream, fp16 scales and zero p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .solver import SolveResult
+from .stats import index_bits
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,11 @@ def pack_bits(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     # bits never overlap, so adding equals OR-ing; the part past bit 31 spills into the next word
     words.index_add_(0, offsets // 32, (values << shift) & 0xFFFFFFFF)
     words.index_add_(0, offsets // 32 + 1, values >> (32 - shift))
-    words = words[: -(-int(ends[-1]) // 32) if len(ends) else 0]
+    return signed32(words[: -(-int(ends[-1]) // 32) if len(ends) else 0])
+
+
+def signed32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -77,9 +81,9 @@ def unpack_bits(words: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     return (both >> shift) & ((1 << widths) - 1)
 
 
-def index_bits(rows: int) -> int:
-    """Bits per stored row index: ceil(log2 rows), as ``stats.row_order_bits`` counts them."""
-    return max(1, math.ceil(math.log2(rows))) if rows > 1 else 1
+def per_column(grid: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """[rows, groups] scales or zero points -> [rows, cols] float32, each column its group's value."""
+    return grid.float().repeat_interleave(group_size, dim=1)[:, :cols]
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,7 @@ def pack_linear(weight: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, z
     perm = torch.argsort(bits, stable=True)
     w, kept, b = weight[perm].float(), kept[perm], bits[perm]
     quantized = b < UNQUANTIZED
-    s = scale[perm].float().repeat_interleave(group_size, dim=1)[:, :cols]
-    z = zero[perm].float().repeat_interleave(group_size, dim=1)[:, :cols]
+    s, z = per_column(scale[perm], group_size, cols), per_column(zero[perm], group_size, cols)
     codes = (torch.round(w / s) + z).clamp(min=0)
     fp16_bits = weight[perm].to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     codes = torch.where(quantized[:, None], codes.to(torch.int64), fp16_bits)
@@ -163,8 +166,7 @@ def dequantise(packed: PackedWeight) -> torch.Tensor:
     codes = torch.zeros(rows, cols, dtype=torch.int64, device=kept.device)
     codes[kept] = unpack_bits(t["codes"], b[:, None].expand(rows, cols)[kept])
     quantized = b < UNQUANTIZED
-    s = t["scale"].float().repeat_interleave(packed.group_size, dim=1)[:, :cols]
-    z = t["zero"].float().repeat_interleave(packed.group_size, dim=1)[:, :cols]
+    s, z = per_column(t["scale"], packed.group_size, cols), per_column(t["zero"], packed.group_size, cols)
     w = torch.empty(rows, cols, dtype=torch.float32, device=kept.device)
     w[quantized] = s * (codes[quantized].float() - z)
     pattern = codes[~quantized]
@@ -185,8 +187,7 @@ def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: in
     scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 0.001).half()
     zero = torch.round(torch.rand(rows, groups, generator=generator) * maxq).to(torch.uint8)
     codes = torch.floor(torch.rand(rows, cols, generator=generator) * (maxq + 1)).clamp(max=maxq)
-    s = scale.float().repeat_interleave(group_size, 1)[:, :cols]
-    z = zero.float().repeat_interleave(group_size, 1)[:, :cols]
+    s, z = per_column(scale, group_size, cols), per_column(zero, group_size, cols)
     floats = (0.05 * torch.randn(rows, cols, generator=generator)).half().float()
     weight = torch.where(bits[:, None] < UNQUANTIZED, s * (codes - z), floats)
     kept = torch.rand(rows, cols, generator=generator) >= sparsity

@@ -19,11 +19,16 @@ from .config import UNQUANTIZED_BITS, PruneConfig
 SCALE_ZERO_BITS = 32  # one fp16 scale + one fp16 zero point per row or group
 
 
+def index_bits(rows: int) -> int:
+    """Bits per stored row index: ceil(log2 rows), at least 1."""
+    return max(1, math.ceil(math.log2(rows))) if rows > 1 else 1
+
+
 def row_order_bits(bits: torch.Tensor) -> int:
-    """Bits storing the row permutation that groups rows by width: ceil(log2 rows) per row, none
+    """Bits storing the row permutation that groups rows by width: ``index_bits`` per row, none
     when every row has the same width (the packed format then keeps the natural order)."""
     rows = bits.numel()
-    return 0 if rows < 2 or torch.unique(bits).numel() < 2 else rows * math.ceil(math.log2(rows))
+    return 0 if rows < 2 or torch.unique(bits).numel() < 2 else rows * index_bits(rows)
 
 
 def effective_bits(
