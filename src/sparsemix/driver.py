@@ -70,70 +70,62 @@ def compress_model(
             if checkpoint and config.allocation.method == "optimal":
                 checkpoint.save_sensitivity(fisher, plan)
     with calibration_attention(model):
-        return _compress_layers(model, windows, config, device, batch_size, progress, checkpoint, resumed, clock,
-                                fisher, plan)
-
-
-def _compress_layers(model, windows, config: CompressionConfig, device, batch_size: int, progress, checkpoint,
-                     resumed: Resumed, clock: PhaseClock, fisher: dict, plan: dict) -> CompressionResult:
-    adapter = adapter_for(model)
-    layers = adapter.layers(model)
-    precision = forward_precision(config.forward_precision, device)
-    with clock("forward"), precision():
-        inputs = capture_layer_inputs(model, windows, batch_size, device)
-    hidden = inputs.hidden
-    result = CompressionResult(resumed.stats, dict(resumed.bits), dict(resumed.grids))
-    for i, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        with clock("other"):
-            layer.to(device)
-        if i < resumed.layers_done:  # finished before: restore it and recompute its outputs
-            layer.load_state_dict(checkpoint.layer_weights(i))
-            with clock("forward"), precision():
+        precision = forward_precision(config.forward_precision, device)
+        with clock("forward"), precision():
+            inputs = capture_layer_inputs(model, windows, batch_size, device)
+        hidden = inputs.hidden
+        result = CompressionResult(resumed.stats, dict(resumed.bits), dict(resumed.grids))
+        for i, layer in enumerate(layers):
+            home = next(layer.parameters()).device
+            with clock("other"):
+                layer.to(device)
+            if i < resumed.layers_done:  # finished before: restore it and recompute its outputs
+                layer.load_state_dict(checkpoint.layer_weights(i))
+                with clock("forward"), precision():
+                    hidden = run_layer(layer, hidden, inputs.kwargs[i])
+                layer.to(home)
+                continue
+            linears = adapter.linears(layer)
+            # true sequential: one forward per group, after the groups before it were compressed
+            passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
+            settled = SettledOutputs(layer, list(linears))  # the fast path replays what the passes would redo
+            replayed = settled.replayed if config.fused else (lambda *args, **kwargs: nullcontext())
+            done: set[str] = set()  # linears of this layer compressed so far
+            for names in passes:
+                members = {name: linears[name] for name in names}
+                try:
+                    with clock("forward"), precision(), replayed(done), \
+                            collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
+                        if config.fused:  # stop after the group's linears: the rest of the layer is not needed
+                            run_layer_until(layer, hidden, inputs.kwargs[i], list(members.values()))
+                        else:
+                            run_layer(layer, hidden, inputs.kwargs[i])
+                except FloatingPointError as error:  # name the layer where the numbers went bad
+                    raise FloatingPointError(f"layers.{i}.{error}; the run stops here") from None
+                for group in _by_shared_input(names, in_stats):  # q/k/v and gate/up: one H, one stacked sweep
+                    full_names = [f"layers.{i}.{name}" for name in group]
+                    with clock("solve"):
+                        compressed = compress_linears(
+                            full_names, [members[name].weight for name in group], in_stats[group[0]],
+                            [out_stats[name] for name in group], config, [plan.get(n) for n in full_names],
+                            [fisher.get(n) for n in full_names])
+                    for name, full_name, linear_result in zip(group, full_names, compressed):
+                        members[name].weight.copy_(linear_result.weight.to(members[name].weight.dtype))
+                        result.stats.add(linear_result.stats)
+                        result.bits[full_name] = linear_result.bits.to(torch.int8).cpu()
+                        result.grids.update(row_grids(full_name, linear_result.bits, linear_result.solve))
+                done.update(names)
+            with clock("forward"), precision(), replayed(done, record=False):
                 hidden = run_layer(layer, hidden, inputs.kwargs[i])
-            layer.to(home)
-            continue
-        linears = adapter.linears(layer)
-        # true sequential: one forward per group, after the groups before it were compressed
-        passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
-        settled = SettledOutputs(layer, list(linears))  # the fast path replays what the passes would redo
-        replayed = settled.replayed if config.fused else (lambda *args, **kwargs: nullcontext())
-        done: set[str] = set()  # linears of this layer compressed so far
-        for names in passes:
-            members = {name: linears[name] for name in names}
-            try:
-                with clock("forward"), precision(), replayed(done), \
-                        collect_statistics(members, shared_inputs=adapter.sequential) as (in_stats, out_stats):
-                    if config.fused:  # stop after the group's linears: the rest of the layer is not needed
-                        run_layer_until(layer, hidden, inputs.kwargs[i], list(members.values()))
-                    else:
-                        run_layer(layer, hidden, inputs.kwargs[i])
-            except FloatingPointError as error:  # name the layer where the numbers went bad
-                raise FloatingPointError(f"layers.{i}.{error}; the run stops here") from None
-            for group in _by_shared_input(names, in_stats):  # q/k/v and gate/up: one H, one stacked sweep
-                full_names = [f"layers.{i}.{name}" for name in group]
-                with clock("solve"):
-                    compressed = compress_linears(
-                        full_names, [members[name].weight for name in group], in_stats[group[0]],
-                        [out_stats[name] for name in group], config, [plan.get(n) for n in full_names],
-                        [fisher.get(n) for n in full_names])
-                for name, full_name, linear_result in zip(group, full_names, compressed):
-                    members[name].weight.copy_(linear_result.weight.to(members[name].weight.dtype))
-                    result.stats.add(linear_result.stats)
-                    result.bits[full_name] = linear_result.bits.to(torch.int8).cpu()
-                    result.grids.update(row_grids(full_name, linear_result.bits, linear_result.solve))
-            done.update(names)
-        with clock("forward"), precision(), replayed(done, record=False):
-            hidden = run_layer(layer, hidden, inputs.kwargs[i])
-        with clock("other"):
-            layer.to(home)
-            if checkpoint:
-                checkpoint.save_layer(i, layer, result.stats, result.bits, result.grids)
-        if progress:
-            progress(i + 1, len(layers))
-    result.phases = clock.seconds
-    result.seconds = clock.total()
-    return result
+            with clock("other"):
+                layer.to(home)
+                if checkpoint:
+                    checkpoint.save_layer(i, layer, result.stats, result.bits, result.grids)
+            if progress:
+                progress(i + 1, len(layers))
+        result.phases = clock.seconds
+        result.seconds = clock.total()
+        return result
 
 
 def _by_shared_input(names: list[str], in_stats: dict) -> list[list[str]]:
