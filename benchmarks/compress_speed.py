@@ -60,30 +60,32 @@ def emit(record: dict, jsonl: str | None) -> None:
             f.write(line + "\n")
 
 
-def solver_check(device: str) -> dict:
-    """Fused and plain column loops on random layers must compute the same weights."""
+def solver_check(device: str, repeats: int = 3) -> dict:
+    """Fused and plain column loops on random layers must compute the same weights. Each shape is
+    solved ``repeats`` times with fresh weights: eagerly, then captured, then replayed as a CUDA graph."""
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
     for rows, cols, prune in [(576, 576, PruneConfig(0.5)), (1536, 576, PruneConfig(0, prunen=2, prunem=4)),
                               (576, 1536, PruneConfig(0.5))]:
-        X = torch.randn(4096, cols, generator=gen) @ (torch.randn(cols, cols, generator=gen) / cols**0.5)
-        W = torch.randn(rows, cols, generator=gen).to(device)
-        H = (2 / 4096 * X.T @ X).to(device)
-        Hinv, _ = inverse_hessian(H, 0.01)
-        bits = torch.randint(2, 9, (rows,), generator=gen).to(device)
-        a = sparsegpt_quantize(W, Hinv, bits, prune, fused=True)
-        b = sparsegpt_quantize(W, Hinv, bits, prune, fused=False)
-        worst = max(worst, float((a.weight - b.weight).abs().max()), float((a.pruned != b.pruned).float().sum()))
-        if not prune.nm:  # the same rows as three stacked linears sharing H (q/k/v)
-            split = [rows // 2, rows // 4, rows - rows // 2 - rows // 4]
-            c = sparsegpt_quantize(W, Hinv, bits, prune, fused=True, segments=split)
-            parts = [sparsegpt_quantize(part, Hinv, b_part, prune, fused=False)
-                     for part, b_part in zip(W.split(split), bits.split(split))]
-            stacked = max(float((c.weight - torch.cat([p.weight for p in parts])).abs().max()),
-                          float((c.pruned != torch.cat([p.pruned for p in parts])).float().sum()))
-            worst = max(worst, stacked)
-    return {"run": "solver-check", "max_abs_difference": worst,
-            "what": "fused (Triton or CUDA graph) and stacked sweeps vs the plain per-linear column loop"}
+        for _ in range(repeats):
+            X = torch.randn(4096, cols, generator=gen) @ (torch.randn(cols, cols, generator=gen) / cols**0.5)
+            W = torch.randn(rows, cols, generator=gen).to(device)
+            H = (2 / 4096 * X.T @ X).to(device)
+            Hinv, _ = inverse_hessian(H, 0.01)
+            bits = torch.randint(2, 9, (rows,), generator=gen).to(device)
+            a = sparsegpt_quantize(W, Hinv, bits, prune, fused=True)
+            b = sparsegpt_quantize(W, Hinv, bits, prune, fused=False)
+            worst = max(worst, float((a.weight - b.weight).abs().max()), float((a.pruned != b.pruned).float().sum()))
+            if not prune.nm:  # the same rows as three stacked linears sharing H (q/k/v)
+                split = [rows // 2, rows // 4, rows - rows // 2 - rows // 4]
+                c = sparsegpt_quantize(W, Hinv, bits, prune, fused=True, segments=split)
+                parts = [sparsegpt_quantize(part, Hinv, b_part, prune, fused=False)
+                         for part, b_part in zip(W.split(split), bits.split(split))]
+                stacked = max(float((c.weight - torch.cat([p.weight for p in parts])).abs().max()),
+                              float((c.pruned != torch.cat([p.pruned for p in parts])).float().sum()))
+                worst = max(worst, stacked)
+    return {"run": "solver-check", "max_abs_difference": worst, "repeats": repeats,
+            "what": "fused (Triton, whole-sweep CUDA graph) and stacked sweeps vs the plain per-linear column loop"}
 
 
 def sensitivity_check(prepared, device: str, linears_to_try: int = 24) -> dict:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,19 @@ def test_hooks_share_input_accumulator_and_are_removed():
     assert inputs["q"].tokens == 10  # updated once per forward of the owner, not by k
     assert outputs["k"].tokens == 10 and outputs["o"].tokens == 10
     assert not q._forward_hooks and not k._forward_hooks and not o._forward_hooks
+
+
+def test_moments_kernel_sums_abs_plain_and_squares():
+    """The GPU statistics kernel (run here in Triton's interpreter) reads x once for three sums."""
+    pytest.importorskip("triton")
+    from sparsemix.moments_kernel import triton_column_sums
+
+    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for tokens, features, dtype in [(1000, 70, torch.float32), (33, 130, torch.float16), (5000, 64, torch.float32)]:
+        x = (torch.randn(tokens, features, generator=gen) * 3 + 1).to(dtype)
+        got = triton_column_sums(x.to(device)).cpu()
+        ref = x.double()
+        expected = torch.stack([ref.abs().sum(0), ref.sum(0), (ref * ref).sum(0)]).float()
+        assert got.shape == (3, features)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)

@@ -218,3 +218,36 @@ def test_settled_submodules_replay_exactly(tiny_model_dirs, tiny_data_dir):
     assert calls == []  # attention was not recomputed
     assert all(torch.equal(a, b) for a, b in zip(expected, replayed))
     assert "forward" not in vars(layer.self_attn)  # the class's forward is back
+
+
+def test_attention_core_is_replayed_once_its_inputs_are_final(tiny_model_dirs, tiny_data_dir, monkeypatch):
+    """After q/k/v are compressed, the pass for o_proj records softmax(q k^T) v; the pass after
+    o_proj replays it instead of computing it again, and the layer's output is unchanged."""
+    from sparsemix.layerwise import SettledOutputs, capture_layer_inputs, run_layer
+    from sparsemix.models import calibration_attention
+
+    model, tokenizer = load_model(tiny_model_dirs["llama"])
+    adapter = adapter_for(model)
+    calib = calibration_windows("c4", tokenizer, 4, 32, 0, tiny_data_dir)
+    inputs = capture_layer_inputs(model, calib, 2, "cpu")
+    layer = adapter.layers(model)[0]
+    linears = list(adapter.linears(layer))
+    settled = SettledOutputs(layer, linears, (adapter.attention, adapter.sequential[0]))
+    sdpa, cores = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: cores.append(1) or sdpa(*args, **kwargs))
+    qkv, with_o = set(adapter.sequential[0]), set(adapter.sequential[0]) | set(adapter.sequential[1])
+    with torch.no_grad(), calibration_attention(model):
+        expected = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        assert len(cores) == 2  # one per batch: the counter sees the calibration attention
+        with settled.replayed(qkv):  # records q/k/v and the attention core
+            run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        assert len(cores) == 4 and len(settled.recorded["self_attn.<attention core>"]) == 2
+        layer.self_attn.o_proj.weight.mul_(0.5)  # o_proj "compressed": self_attn's output changes, its core not
+        expected = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        with settled.replayed(with_o):  # records self_attn, replaying q/k/v and the core inside it
+            replayed = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+    assert len(cores) == 6  # only the reference run computed attention
+    assert all(torch.equal(a, b) for a, b in zip(expected, replayed))
+    assert "self_attn.<attention core>" not in settled.recorded  # inside a recorded module: dropped
+    assert not hasattr(layer.self_attn, "_sparsemix_attention_core")

@@ -10,6 +10,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .solver import triton_available
+
+
+def column_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [tokens, features] float32 -> (sum |x|, sum x, sum x^2), each [features] float32.
+    On a GPU one Triton kernel reads x once; elsewhere three torch reductions."""
+    if x.is_cuda and triton_available():
+        from .moments_kernel import triton_column_sums
+        return tuple(triton_column_sums(x).unbind(0))
+    return torch.linalg.vector_norm(x, 1, dim=0), x.sum(0), (x * x).sum(0)
+
 
 class InputStatistics:
     """H = (2/N) sum_t x_t x_t^T [in, in], E|x| [in] and E[x^2] [in] over N tokens seen so far."""
@@ -26,8 +37,9 @@ class InputStatistics:
         total = self.tokens + n
         keep = self.tokens / total
         self.H.mul_(keep).addmm_(x.T, x, alpha=2.0 / total)
-        self.abs_mean.mul_(keep).add_(torch.linalg.vector_norm(x, 1, dim=0), alpha=1.0 / total)
-        self.sq_mean.mul_(keep).add_((x * x).sum(0), alpha=1.0 / total)
+        absolute, _, squares = column_sums(x)
+        self.abs_mean.mul_(keep).add_(absolute, alpha=1.0 / total)
+        self.sq_mean.mul_(keep).add_(squares, alpha=1.0 / total)
         self.tokens = total
 
     def check_finite(self) -> None:
@@ -50,9 +62,10 @@ class OutputStatistics:
         y = y.detach().reshape(-1, y.shape[-1]).to(self.mean.device, torch.float32)
         total = self.tokens + y.shape[0]
         keep = self.tokens / total
-        self.abs_mean.mul_(keep).add_(torch.linalg.vector_norm(y, 1, dim=0), alpha=1.0 / total)
-        self.mean.mul_(keep).add_(y.sum(0), alpha=1.0 / total)
-        self.sq_mean.mul_(keep).add_((y * y).sum(0), alpha=1.0 / total)
+        absolute, plain, squares = column_sums(y)
+        self.abs_mean.mul_(keep).add_(absolute, alpha=1.0 / total)
+        self.mean.mul_(keep).add_(plain, alpha=1.0 / total)
+        self.sq_mean.mul_(keep).add_(squares, alpha=1.0 / total)
         self.tokens = total
 
     def check_finite(self) -> None:

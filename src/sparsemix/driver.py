@@ -50,12 +50,14 @@ def compress_model(
     model: nn.Module, windows: torch.Tensor, config: CompressionConfig,
     device: torch.device | str = "cpu", batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None, checkpoint_dir: str | None = None,
+    keep_on_device: bool = False,
 ) -> CompressionResult:
     """Compress every decoder layer's linears in place with calibration ``windows`` [n, seqlen].
 
     ``progress(i, n)`` is called after layer i of n. Layers move to ``device`` one at a time
-    and back to where they were. With ``checkpoint_dir`` the state is saved after every layer
-    and a rerun of the same command resumes where the last one stopped, with the same result.
+    and back to where they were, or (``keep_on_device``, for a model that fits) stay there.
+    With ``checkpoint_dir`` the state is saved after every layer and a rerun of the same
+    command resumes where the last one stopped, with the same result.
     """
     clock = PhaseClock(device)
     adapter = adapter_for(model)
@@ -76,7 +78,7 @@ def compress_model(
         hidden = inputs.hidden
         result = CompressionResult(resumed.stats, dict(resumed.bits), dict(resumed.grids))
         for i, layer in enumerate(layers):
-            home = next(layer.parameters()).device
+            home = torch.device(device) if keep_on_device else next(layer.parameters()).device
             with clock("other"):
                 layer.to(device)
             if i < resumed.layers_done:  # finished before: restore it and recompute its outputs
@@ -88,7 +90,8 @@ def compress_model(
             linears = adapter.linears(layer)
             # true sequential: one forward per group, after the groups before it were compressed
             passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
-            settled = SettledOutputs(layer, list(linears))  # the fast path replays what the passes would redo
+            # the fast path replays what the passes would redo: settled submodules and the attention core
+            settled = SettledOutputs(layer, list(linears), (adapter.attention, adapter.sequential[0]))
             replayed = settled.replayed if config.fused else (lambda *args, **kwargs: nullcontext())
             done: set[str] = set()  # linears of this layer compressed so far
             for names in passes:

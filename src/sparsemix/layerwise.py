@@ -6,13 +6,13 @@ run on its own, on whatever device, over the recorded inputs.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .models import Adapter, adapter_for
+from .models import Adapter, adapter_for, attention_core_memo
 
 
 class _Stop(Exception):
@@ -125,8 +125,10 @@ class SettledOutputs:
     tensors on every later pass, so recomputing it is waste. Exact: the tensors are the same ones.
     """
 
-    def __init__(self, layer: nn.Module, linear_names: list[str]):
-        self.layer, self.linear_names = layer, linear_names
+    def __init__(self, layer: nn.Module, linear_names: list[str], attention: tuple[str, tuple[str, ...]] | None = None):
+        """``attention``: (path of the attention module, the linears its attention core reads): once
+        those are final the core (softmax(q k^T) v, the costly part) is recorded and replayed too."""
+        self.layer, self.linear_names, self.attention = layer, linear_names, attention
         self.recorded: dict[str, list] = {}
 
     def _plan(self, module: nn.Module, prefix: str, done: set[str], record: bool):
@@ -154,17 +156,29 @@ class SettledOutputs:
             if replay:
                 outputs = iter(self.recorded[path])
                 module.forward = lambda *args, _outputs=outputs, **kwargs: next(_outputs)
-                patched.append(module)
+                patched.append(path)
             else:
                 store = self.recorded.setdefault(path, [])
                 handles.append(module.register_forward_hook(lambda m, a, out, _store=store: _store.append(out)))
             outer.append(path)
         try:
-            yield
+            with self._attention_core(done, record, patched):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
-            for module in patched:
-                del module.forward  # back to the class's forward
+            for path in patched:
+                del self.layer.get_submodule(path).forward  # back to the class's forward
             for inner in [p for p in self.recorded if any(p.startswith(o + ".") for o in outer)]:
                 del self.recorded[inner]  # inside a module that is now recorded: never needed again
+
+    def _attention_core(self, done: set[str], record: bool, replayed_paths: list[str]):
+        """The attention core's memo for this pass: replayed if recorded, recorded if asked, else none."""
+        if self.attention is None:
+            return nullcontext()
+        path, inputs = self.attention
+        key = path + ".<attention core>"  # under the module's path: dropped once the module itself is recorded
+        if not set(inputs) <= done or path in replayed_paths or (key not in self.recorded and not record):
+            return nullcontext()
+        return attention_core_memo(self.layer.get_submodule(path), self.recorded.setdefault(key, []),
+                                   replay=key in self.recorded and bool(self.recorded[key]))

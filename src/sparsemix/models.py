@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class Adapter:
     layers_path: str  # attribute path from the CausalLM to its nn.ModuleList of decoder layers
     head_path: tuple[str, ...]  # modules applied after the last layer, in order (None entries skipped)
     sequential: tuple[tuple[str, ...], ...]  # groups of linear names inside a layer
+    attention: str  # the attention module: it computes the attention core from its first group's outputs
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
@@ -57,6 +59,7 @@ OPT = Adapter(
     head_path=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
                 ("fc1",), ("fc2",)),
+    attention="self_attn",
 )
 LLAMA = Adapter(
     family="llama",
@@ -64,6 +67,7 @@ LLAMA = Adapter(
     head_path=("model.norm", "lm_head"),
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    attention="self_attn",
 )
 ADAPTERS = {"opt": OPT, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 
@@ -136,13 +140,33 @@ def _sdpa_with_repeated_kv(module, query, key, value, attention_mask, dropout=0.
     SDPA runs fp32 on the slow math kernel; with full heads fp32 gets the memory-efficient one."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    memo = getattr(module, ATTENTION_CORE, None)
+    if isinstance(memo, Iterator):  # q, k, v are the recorded ones: so is the result
+        return next(memo), None
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, is_causal=causal)
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2).contiguous()
+    if memo is not None:
+        memo.append(out)
+    return out, None
+
+
+ATTENTION_CORE = "_sparsemix_attention_core"  # attribute of an attention module: a list records, an iterator replays
+
+
+@contextmanager
+def attention_core_memo(module: nn.Module, outputs: list, replay: bool):
+    """Within the block, the calibration attention of ``module`` appends each result to ``outputs``
+    or (``replay``) returns them in order instead of computing: exact once q/k/v are final."""
+    setattr(module, ATTENTION_CORE, iter(outputs) if replay else outputs)
+    try:
+        yield
+    finally:
+        delattr(module, ATTENTION_CORE)
 
 
 CALIBRATION_ATTENTION = "sparsemix_sdpa"

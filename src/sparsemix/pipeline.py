@@ -161,7 +161,8 @@ def compress_and_evaluate(
             bar.update(done - bar.n)
 
         result = compress_model(model, prepared.calibration, compression, run.resolved_device, run.batch_size,
-                                progress=advance, checkpoint_dir=run.checkpoint_dir)
+                                progress=advance, checkpoint_dir=run.checkpoint_dir,
+                                keep_on_device=fits_on_device(model, run.resolved_device))
         bar.close()
         timings["compress_seconds"] = result.seconds
         timings["compress_phases"] = result.phases

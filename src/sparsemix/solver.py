@@ -75,9 +75,9 @@ def sparsegpt_quantize(
 
     ``bits`` [rows]: each row's width (16 = keep floats). Sparsity 0 is plain GPTQ.
     ``mask`` [rows, cols] (True = prune) replaces the adaptive choice; given a mask, rows are
-    fully independent, so any subset of rows can be solved on its own. ``fused`` runs each
-    block's column loop on the GPU as one Triton launch or a CUDA-graph replay (same arithmetic,
-    far fewer launches).
+    fully independent, so any subset of rows can be solved on its own. ``fused`` (GPU) runs each
+    block's column loop as one Triton launch and replays a sweep shape seen before as one CUDA
+    graph (same arithmetic, far fewer launches).
     ``segments`` (row counts summing to rows) marks stacked linears that share H (q/k/v): each
     keeps its own adaptive sparsity, so the stacked sweep equals one sweep per linear.
     Dead input columns must already be zero in ``W``.
@@ -86,24 +86,49 @@ def sparsegpt_quantize(
     rows, cols = W.shape
     U = torch.linalg.cholesky(Hinv, upper=True)
     maxq = maxq_for_bits(bits.to(W.device))[:, None]
-    any_quantized = bool(torch.isfinite(maxq).any())
+    ends = list(itertools.accumulate(segments or [rows]))
+    if ends[-1] != rows:
+        raise ValueError(f"segments {list(segments)} do not add up to the {rows} rows")
     group = quant.group_size if 0 < quant.group_size < cols else 0
+    fused = fused and W.is_cuda and not (group and group % prune.blocksize)  # no grid change inside a block
+    plan = SweepPlan(rows, cols, tuple(ends), prune, quant, bool(torch.isfinite(maxq).any()), mask is not None, fused)
+    if fused:
+        return _graphed_sweep(plan, str(W.device))(W, U, maxq, mask)
+    return SolveResult(*_sweep(W, U, maxq, mask, plan))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything about a sweep but its tensors: one CUDA graph serves every sweep with the same plan."""
+
+    rows: int
+    cols: int
+    ends: tuple[int, ...]  # cumulative row counts of the stacked linears
+    prune: PruneConfig
+    quant: QuantConfig
+    any_quantized: bool  # some row has a grid (bits < 16)
+    fixed_mask: bool
+    fused: bool  # Triton block sweeps (GPU)
+
+    @property
+    def group(self) -> int:
+        return self.quant.group_size if 0 < self.quant.group_size < self.cols else 0
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, maxq: torch.Tensor, mask: torch.Tensor | None, plan: SweepPlan):
+    """The blocked OBS sweep, in place on ``W`` -> (weight, pruned, row_losses, scale, zero)."""
+    prune, quant, group, rows = plan.prune, plan.quant, plan.group, plan.rows
     scales, zeros = [], []
     if not group:
         scale, zero = grid_params(W, maxq[:, 0], quant.sym, quant.mse)
         scales.append(scale)
         zeros.append(zero)
-
-    ends = list(itertools.accumulate(segments or [rows]))
-    if ends[-1] != rows:
-        raise ValueError(f"segments {list(segments)} do not add up to the {rows} rows")
-    bounds = list(zip([0] + ends[:-1], ends))
+    bounds = list(zip((0,) + plan.ends[:-1], plan.ends))
     pruned = torch.zeros_like(W, dtype=torch.bool)
     losses = torch.zeros_like(W)
     nm = (prune.prunen, prune.prunem) if prune.nm and mask is None else None
-    fused = fused and W.is_cuda and not (group and group % prune.blocksize)  # no grid change inside a block
-    for i1 in range(0, cols, prune.blocksize):
-        i2 = min(i1 + prune.blocksize, cols)
+    for i1 in range(0, plan.cols, prune.blocksize):
+        i2 = min(i1 + prune.blocksize, plan.cols)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         mask1 = torch.zeros_like(W1, dtype=torch.bool) if mask is None else mask[:, i1:i2].clone()
@@ -115,7 +140,7 @@ def sparsegpt_quantize(
 
         def regrid(i: int, W1: torch.Tensor = W1, i1: int = i1, i2: int = i2):
             """At a group's first column: its grid from the group's current weights."""
-            if not (any_quantized and group and (i1 + i) % group == 0):
+            if not (plan.any_quantized and group and (i1 + i) % group == 0):
                 return None
             ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
             params = grid_params(ahead, maxq[:, 0], quant.sym, quant.mse)
@@ -123,14 +148,15 @@ def sparsegpt_quantize(
             zeros.append(params[1])
             return params
 
-        if fused:
-            if group:
-                regrid(0)
-            current = (scales[-1], zeros[-1]) if scales else (None, None)
-            Q1, Err1, L1 = fused_columns(W1, U1, mask1, *current, maxq, nm, any_quantized)
+        if plan.fused and group:  # fused: groups start at block boundaries
+            regrid(0)
+        current = (scales[-1], zeros[-1]) if scales else (None, None)
+        if plan.fused and nm is None and triton_available():
+            from .sweep_kernel import triton_columns
+            Q1, Err1, L1 = triton_columns(W1, U1, mask1, *current, maxq, plan.any_quantized)
         else:
-            current = (scales[-1], zeros[-1]) if scales else (None, None)
-            Q1, Err1, L1 = sweep_columns(W1, U1, mask1, *current, maxq, nm, any_quantized, regrid if group else None)
+            Q1, Err1, L1 = sweep_columns(W1, U1, mask1, *current, maxq, nm, plan.any_quantized,
+                                         regrid if group and not plan.fused else None)
         W[:, i1:i2] = Q1
         losses[:, i1:i2] = L1
         pruned[:, i1:i2] = mask1
@@ -138,7 +164,7 @@ def sparsegpt_quantize(
 
     if not scales:  # nothing quantized: report the identity grid
         scales, zeros = [torch.ones(rows, 1, device=W.device)], [torch.zeros(rows, 1, device=W.device)]
-    return SolveResult(W, pruned, losses.sum(1), torch.cat(scales, 1), torch.cat(zeros, 1))
+    return W, pruned, losses.sum(1), torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
 def sweep_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool, regrid=None):
@@ -170,58 +196,56 @@ def sweep_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool, regrid=
     return Q1, Err1, L1
 
 
-class _GraphedColumns:
-    """``sweep_columns`` for one shape captured as a CUDA graph: one launch replays the whole
-    block's ~10 kernels per column, removing the Python and launch overhead that dominates."""
+class _GraphedSweep:
+    """``_sweep`` for one plan as a CUDA graph: a whole sweep (hundreds of kernels per block,
+    a top-k per stacked linear) in one launch, so the solve is no longer bound by the host.
 
-    def __init__(self, rows: int, width: int, device, nm, quantized: bool):
-        f32 = {"device": device, "dtype": torch.float32}
-        self.W1, self.U1 = torch.zeros(rows, width, **f32), torch.eye(width, **f32)
-        self.mask1 = torch.zeros(rows, width, device=device, dtype=torch.bool)
-        self.scale, self.zero, self.maxq = torch.ones(rows, 1, **f32), torch.zeros(rows, 1, **f32), torch.ones(rows, 1, **f32)
-        args = (self.W1, self.U1, self.mask1, self.scale, self.zero, self.maxq, nm, quantized)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up outside the graph, as capture requires
-            sweep_columns(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = sweep_columns(*args)
+    The first sweep of a plan runs eagerly; the second runs on a side stream as capture requires,
+    then is captured; later ones copy their tensors into the graph's inputs and replay it.
+    """
 
-    def __call__(self, W1, U1, mask1, scale, zero, maxq):
-        for static, value in ((self.W1, W1), (self.U1, U1), (self.mask1, mask1), (self.scale, scale),
-                              (self.zero, zero), (self.maxq, maxq)):
-            static.copy_(value)
-        self.graph.replay()
-        mask1.copy_(self.mask1)
-        return tuple(out.clone() for out in self.outputs)
+    def __init__(self, plan: SweepPlan):
+        self.plan, self.calls, self.graph, self.capturable = plan, 0, None, True
+
+    def __call__(self, W, U, maxq, mask) -> SolveResult:
+        self.calls += 1
+        if self.graph is not None:
+            for static, value in zip(self.inputs, (W, U, maxq, mask)):
+                if value is not None:
+                    static.copy_(value)
+            self.graph.replay()
+            return SolveResult(*(t.clone() for t in self.outputs))
+        if self.calls == 1 or not self.capturable:  # a plan seen once (a one-off row subset) is not worth it
+            return SolveResult(*_sweep(W, U, maxq, mask, self.plan))
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.inputs = [None if t is None else t.clone() for t in (W, U, maxq, mask)]
+            result = _sweep(W, U, maxq, mask, self.plan)  # warm-up outside the graph, on a side stream
+            graph = torch.cuda.CUDAGraph()
+            try:
+                graph.capture_begin()
+                try:
+                    self.outputs = _sweep(*self.inputs, self.plan)
+                finally:
+                    graph.capture_end()
+                self.graph = graph
+            except RuntimeError as error:  # an op that cannot be captured: stay eager, correct and slower
+                log.warning("sweep not captured as a CUDA graph (%s); running it eagerly", str(error).splitlines()[0])
+                self.capturable = False
+        main.wait_stream(side)
+        for t in result:
+            t.record_stream(main)
+        return SolveResult(*result)
 
 
-@functools.lru_cache(maxsize=32)
-def _graph_for(rows: int, width: int, device: str, nm, quantized: bool) -> _GraphedColumns:
-    # a handful of shapes per model (q/k/v, o, gate/up, down, the last block): capture each once
-    return _GraphedColumns(rows, width, device, nm, quantized)
+@functools.lru_cache(maxsize=16)
+def _graphed_sweep(plan: SweepPlan, device: str) -> _GraphedSweep:
+    # a handful of plans per model (stacked q/k/v, o, stacked gate/up, down); the device is
+    # part of the key because a graph belongs to one GPU
+    return _GraphedSweep(plan)
 
 
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def fused_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool):
-    """One block's column loop on the GPU: one Triton launch when the mask is known before the
-    loop starts (unstructured or fixed), else the CUDA-graph replay (N:M picks masks on the way)."""
-    if nm is None and triton_available():
-        from .sweep_kernel import triton_columns
-        return triton_columns(W1, U1, mask1, scale, zero, maxq, quantized)
-    return graphed_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized)
-
-
-def graphed_columns(W1, U1, mask1, scale, zero, maxq, nm, quantized: bool):
-    """``sweep_columns`` on the GPU through a cached CUDA graph of the block's shape."""
-    rows, width = W1.shape
-    graph = _graph_for(rows, width, str(W1.device), nm, quantized)
-    ones = torch.ones(rows, 1, device=W1.device)
-    return graph(W1, U1, mask1, ones if scale is None else scale, ones * 0 if zero is None else zero,
-                 torch.where(torch.isfinite(maxq), maxq, ones) if not quantized else maxq)
