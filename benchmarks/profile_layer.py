@@ -3,13 +3,18 @@
     python benchmarks/profile_layer.py MODEL --data-dir DIR [--layers 4] [--nsamples 128] [--batch-size 8]
     python benchmarks/profile_layer.py random-smollm2 [--layers 4]    # SmolLM2-135M's shape, random weights
 
-Prints JSON lines: the run's phase seconds; the GPU's busy time against the wall time (idle
-gaps mean the host is the bottleneck); the top CUDA kernels by total time.
+Prints JSON lines, one group per run (``--runs``, after a warm-up run): ``timed`` the phase
+seconds with nothing attached; ``kernels`` the GPU's busy time against the wall time (idle gaps
+mean the host is the bottleneck) and the top CUDA kernels; ``host`` Python functions by own time;
+``steps`` the solve's steps (Hessian inverse, importance, allocation, sweep, ...) each timed
+with the GPU synchronised around it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import importlib
 import json
 import pstats
 import time
@@ -38,6 +43,39 @@ def load_model(name: str):
     return LlamaForCausalLM(config).eval(), None
 
 
+SOLVE_STEPS = [  # (module, function): the solve's steps, timed one by one in the "steps" run
+    ("sparsemix.engine", "inverse_hessian"), ("sparsemix.engine", "importance_dimensions"),
+    ("sparsemix.engine", "allocate_bits"), ("sparsemix.engine", "sparsegpt_quantize"), ("sparsemix.engine", "_result"),
+    ("sparsemix.engine", "_without_dead"), ("sparsemix.driver", "row_grids"), ("sparsemix.driver", "compress_linears"),
+]
+
+
+@contextlib.contextmanager
+def timed_steps(totals: dict):
+    """Each SOLVE_STEPS function wrapped: synchronised wall seconds and calls, summed into ``totals``."""
+    originals = []
+    for module_name, name in SOLVE_STEPS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                seconds, calls = totals.get(_name, (0.0, 0))
+                totals[_name] = (seconds + time.perf_counter() - begin, calls + 1)
+        setattr(module, name, wrapper)
+        originals.append((module, name, original))
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -46,49 +84,62 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--runs", default="timed,kernels,host,steps", help="which of timed,kernels,host,steps")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
-    del adapter_for(model).layers(model)[args.layers:]
+    runs = args.runs.split(",")
+    config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
+    device = torch.cuda.get_device_name()
+
+    def fresh():
+        model, tokenizer = load_model(args.model)
+        del adapter_for(model).layers(model)[args.layers:]
+        return model, tokenizer
+
+    model, tokenizer = fresh()
     if args.model == RANDOM:  # same shapes, random tokens: no model file or corpus needed
         windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
     else:
         windows = calibration_windows("c4", tokenizer, args.nsamples, args.seqlen, 0, args.data_dir)
-    config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
     compress_model(model, windows, config, "cuda", args.batch_size)  # warm-up: kernels compiled, graphs captured
-    device = torch.cuda.get_device_name()
-    model, tokenizer = load_model(args.model)
-    del adapter_for(model).layers(model)[args.layers:]
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = compress_model(model, windows, config, "cuda", args.batch_size)  # timed, no profiler attached
-    print(json.dumps({"run": "timed", "device": device, "layers": args.layers, "phases": result.phases,
-                      "compress_seconds": result.seconds, "wall_seconds": time.perf_counter() - start}), flush=True)
-    model, tokenizer = load_model(args.model)
-    del adapter_for(model).layers(model)[args.layers:]
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        result = compress_model(model, windows, config, "cuda", args.batch_size)
+    if "timed" in runs:
+        model, _ = fresh()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    events = prof.key_averages()
-    busy = sum(e.device_time_total for e in events) / 1e6
-    print(json.dumps({"device": device, "layers": args.layers, "phases": result.phases, "wall_seconds": wall,
-                      "gpu_kernel_seconds": busy}), flush=True)
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
-        print(json.dumps({"kernel": e.key[:90], "seconds": e.device_time_total / 1e6, "calls": e.count}), flush=True)
-    # the host's side: Python functions by own time (a wait for the GPU shows up in the op that syncs)
-    model, tokenizer = load_model(args.model)
-    del adapter_for(model).layers(model)[args.layers:]
-    host = cProfile.Profile()
-    host.enable()
-    compress_model(model, windows, config, "cuda", args.batch_size)
-    host.disable()
-    stats = pstats.Stats(host)
-    top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:25]  # (file, line, name) -> (.., tottime, ..)
-    for (file, line, name), (_, calls, own, cumulative, _) in top:
-        print(json.dumps({"function": f"{file.split('/')[-1]}:{line}:{name}", "calls": calls,
-                          "own_seconds": own, "cumulative_seconds": cumulative}), flush=True)
+        start = time.perf_counter()
+        result = compress_model(model, windows, config, "cuda", args.batch_size)  # no profiler attached
+        print(json.dumps({"run": "timed", "device": device, "layers": args.layers, "phases": result.phases,
+                          "compress_seconds": result.seconds, "wall_seconds": time.perf_counter() - start}), flush=True)
+    if "kernels" in runs:  # the GPU's side: busy time against wall time, top kernels
+        model, _ = fresh()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            result = compress_model(model, windows, config, "cuda", args.batch_size)
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        events = prof.key_averages()
+        busy = sum(e.device_time_total for e in events) / 1e6
+        print(json.dumps({"run": "kernels", "device": device, "layers": args.layers, "phases": result.phases,
+                          "wall_seconds": wall, "gpu_kernel_seconds": busy}), flush=True)
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
+            print(json.dumps({"kernel": e.key[:90], "seconds": e.device_time_total / 1e6, "calls": e.count}), flush=True)
+    if "host" in runs:  # the host's side: Python functions by own time (a wait for the GPU shows in the op that syncs)
+        model, _ = fresh()
+        host = cProfile.Profile()
+        host.enable()
+        compress_model(model, windows, config, "cuda", args.batch_size)
+        host.disable()
+        stats = pstats.Stats(host)
+        top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:25]  # (file, line, name) -> (.., tottime, ..)
+        for (file, line, name), (_, calls, own, cumulative, _) in top:
+            print(json.dumps({"function": f"{file.split('/')[-1]}:{line}:{name}", "calls": calls,
+                              "own_seconds": own, "cumulative_seconds": cumulative}), flush=True)
+    if "steps" in runs:  # the solve step by step, each synchronised (GPU time included)
+        model, _ = fresh()
+        totals: dict = {}
+        with timed_steps(totals):
+            result = compress_model(model, windows, config, "cuda", args.batch_size)
+        print(json.dumps({"run": "steps", "device": device, "layers": args.layers, "phases": result.phases,
+                          "steps": {name: {"seconds": sec, "calls": n} for name, (sec, n) in totals.items()}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def allocate_bits(importance: torch.Tensor, config: AllocationConfig) -> torch.T
 def bits_from_counts(importance: torch.Tensor, counts: list[int], options: tuple[int, ...]) -> torch.Tensor:
     """Give the ``counts[k]`` least important remaining rows ``options[k]`` bits, k ascending."""
     order = torch.argsort(importance.cpu().to(torch.float64), stable=True)
-    per_rank = torch.repeat_interleave(torch.tensor(options), torch.tensor(counts))
+    per_rank = torch.tensor([b for b, c in zip(options, counts) for _ in range(c)], dtype=torch.int64)
     bits = torch.empty(importance.numel(), dtype=torch.int64)
     bits[order] = per_rank
     return bits

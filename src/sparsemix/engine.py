@@ -138,7 +138,7 @@ def solvable_weight(weight: torch.Tensor, H: torch.Tensor, percdamp: float) -> t
 
 def _without_dead(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     W = weight.detach().to(torch.float32).clone()
-    W[:, dead] = 0  # inputs that never fired: their weights carry no signal
+    W.masked_fill_(dead[None, :], 0)  # inputs that never fired: their weights carry no signal
     return W
 
 

@@ -16,12 +16,11 @@ from .config import AllocationConfig, ImportanceWeights
 
 
 def normalize_mean(x: torch.Tensor) -> torch.Tensor:
-    """x / mean(x); a dimension that is all zero (or not finite) carries no ranking: all ones."""
+    """x [..., rows] / its mean over rows; a dimension that is all zero (or not finite) carries no
+    ranking: all ones."""
     x = x.to(torch.float32)
-    mean = x.mean()
-    if not torch.isfinite(mean) or mean <= 0:
-        return torch.ones_like(x)
-    return x / mean
+    mean = x.mean(-1, keepdim=True)
+    return torch.where(torch.isfinite(mean) & (mean > 0), x / mean, torch.ones_like(x))  # no host sync
 
 
 def importance_dimensions(
@@ -31,13 +30,14 @@ def importance_dimensions(
     W = W.to(torch.float32)
     W2 = W * W
     raw = {
-        "activation": outputs.abs_mean,
+        "activation": outputs.abs_mean.to(W),
         "hessian": W2 @ (1.0 / hinv_diag.to(W)),
         "weight": W.abs().mean(1),
         "output": torch.sqrt(W2 @ inputs.sq_mean.to(W)),
-        "stability": outputs.variance,
+        "stability": outputs.variance.to(W),
     }
-    return {name: normalize_mean(value) for name, value in raw.items()}
+    normalized = normalize_mean(torch.stack(list(raw.values())))  # all five at once: a fifth of the launches
+    return dict(zip(raw, normalized.unbind(0)))
 
 
 def combined_importance(dimensions: dict[str, torch.Tensor], weights: ImportanceWeights) -> torch.Tensor:

@@ -49,18 +49,16 @@ def inverse_hessian(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tup
     """
     H = H.detach().to(torch.float32).clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H.diagonal().masked_fill_(dead, 1)
     mean_diag = torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
     damp = percdamp
     for attempt in range(max_tries):
         Hd = H.clone()
-        Hd[idx, idx] += damp * mean_diag
+        Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            if torch.isfinite(Hinv).all():
-                return Hinv, dead
+        Hinv = torch.cholesky_inverse(L)
+        if bool((info == 0) & torch.isfinite(Hinv).all()):  # one wait for the GPU, not two
+            return Hinv, dead
         log.warning("Cholesky of the Hessian failed with damping %.3g; retrying with %.3g", damp, damp * 10)
         damp *= 10
     raise FloatingPointError(f"Hessian is not positive definite even with damping {damp / 10:.3g} x mean diagonal")
@@ -136,7 +134,8 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, maxq: torch.Tensor, mask: torch.Ten
             saliency = W1**2 / torch.diag(U1) ** 2
             for a, b in bounds:
                 k = int((b - a) * (i2 - i1) * prune.sparsity)
-                mask1[a:b].view(-1)[torch.topk(saliency[a:b].flatten(), k, largest=False, sorted=False).indices] = True
+                least = torch.topk(saliency[a:b].flatten(), k, largest=False, sorted=False).indices
+                mask1[a:b].view(-1).index_fill_(0, least, True)  # not `[least] = True`: a host copy, uncapturable
 
         def regrid(i: int, W1: torch.Tensor = W1, i1: int = i1, i2: int = i2):
             """At a group's first column: its grid from the group's current weights."""
