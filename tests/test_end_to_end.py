@@ -251,3 +251,28 @@ def test_attention_core_is_replayed_once_its_inputs_are_final(tiny_model_dirs, t
     assert all(torch.equal(a, b) for a, b in zip(expected, replayed))
     assert "self_attn.<attention core>" not in settled.recorded  # inside a recorded module: dropped
     assert not hasattr(layer.self_attn, "_sparsemix_attention_core")
+
+
+def test_norms_of_the_layer_input_run_once_per_layer(tiny_model_dirs, tiny_data_dir, monkeypatch):
+    """A linear-free module (the input norm) seeing the same input tensor again returns its earlier
+    output: the true-sequential passes of a layer compute it once per batch, with the same result."""
+    from sparsemix.layerwise import SettledOutputs, capture_layer_inputs, run_layer
+
+    model, tokenizer = load_model(tiny_model_dirs["llama"])
+    adapter = adapter_for(model)
+    calib = calibration_windows("c4", tokenizer, 4, 32, 0, tiny_data_dir)
+    inputs = capture_layer_inputs(model, calib, 2, "cpu")
+    layer = adapter.layers(model)[0]
+    settled = SettledOutputs(layer, list(adapter.linears(layer)))
+    norm_forward, calls = type(layer.input_layernorm).forward, []
+    monkeypatch.setattr(type(layer.input_layernorm), "forward",
+                        lambda self, x: calls.append(self) or norm_forward(self, x))
+    with torch.no_grad():
+        expected = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+        first = sum(c is layer.input_layernorm for c in calls)
+        for _ in range(3):
+            with settled.replayed(set()):
+                got = run_layer(layer, inputs.hidden, inputs.kwargs[0])
+            assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert first == 2 and sum(c is layer.input_layernorm for c in calls) == 2 + 2  # once per batch, then replayed
+    assert "forward" not in vars(layer.input_layernorm)

@@ -130,6 +130,7 @@ class SettledOutputs:
         those are final the core (softmax(q k^T) v, the costly part) is recorded and replayed too."""
         self.layer, self.linear_names, self.attention = layer, linear_names, attention
         self.recorded: dict[str, list] = {}
+        self.memo: dict[str, dict[int, tuple]] = {}  # linear-free module -> id(input) -> (input, output)
 
     def _plan(self, module: nn.Module, prefix: str, done: set[str], record: bool):
         """(path, module, replay?) for the outermost settled submodules; inside one that is
@@ -161,13 +162,16 @@ class SettledOutputs:
                 store = self.recorded.setdefault(path, [])
                 handles.append(module.register_forward_hook(lambda m, a, out, _store=store: _store.append(out)))
             outer.append(path)
+        memoized = [path for path in self._linear_free() if not any(path.startswith(o + ".") for o in patched)]
+        for path in memoized:
+            self._memoize(path)
         try:
             with self._attention_core(done, record, patched):
                 yield
         finally:
             for handle in handles:
                 handle.remove()
-            for path in patched:
+            for path in patched + memoized:
                 del self.layer.get_submodule(path).forward  # back to the class's forward
             for inner in [p for p in self.recorded if any(p.startswith(o + ".") for o in outer)]:
                 del self.recorded[inner]  # inside a module that is now recorded: never needed again
@@ -182,3 +186,29 @@ class SettledOutputs:
             return nullcontext()
         return attention_core_memo(self.layer.get_submodule(path), self.recorded.setdefault(key, []),
                                    replay=key in self.recorded and bool(self.recorded[key]))
+
+    def _linear_free(self) -> list[str]:
+        """The outermost submodules holding no compressed linear (norms, activations): pure
+        functions of their input whose parameters never change."""
+        paths: list[str] = []
+        for path, _ in self.layer.named_modules():  # parents before children
+            if not path or any(path.startswith(p + ".") for p in paths):
+                continue
+            if not any(n == path or n.startswith(path + ".") or path.startswith(n + ".") for n in self.linear_names):
+                paths.append(path)
+        return paths
+
+    def _memoize(self, path: str) -> None:
+        """Until the block ends, ``path`` called on a tensor it saw before (the layer's input, a
+        replayed output) returns what it returned then: the same tensor, nothing recomputed."""
+        module = self.layer.get_submodule(path)
+        forward, seen = module.forward, self.memo.setdefault(path, {})
+
+        def memoized(*args, **kwargs):
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                return forward(*args, **kwargs)
+            hit = seen.get(id(args[0]))
+            if hit is None or hit[0] is not args[0]:  # the input is kept alive, so its id stays unique
+                hit = seen[id(args[0])] = (args[0], forward(args[0]))
+            return hit[1]
+        module.forward = memoized
