@@ -85,7 +85,7 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
         col0 = pid_k * CHUNK + t * 32
         cols = col0 + lane
         col_ok = (cols < K) | EVEN_K  # EVEN_K: chunks tile the columns, no column checks
-        tile_ok = (col0 < K) | EVEN_K
+        tile_ok = (rows * 0 + col0 < K) | EVEN_K  # a tensor: Triton 3.9's interpreter rejects tensor & scalar masks
         if HAS_MASK:  # one mask word per row and 32 columns; rank = kept bits below the column
             m = tl.load(mask_ptr + rows * MASK_WORDS + col0 // 32, mask=row_ok & tile_ok, other=0)
             m = m.to(tl.uint32, bitcast=True)
