@@ -263,7 +263,7 @@ def test_norms_of_the_layer_input_run_once_per_layer(tiny_model_dirs, tiny_data_
     calib = calibration_windows("c4", tokenizer, 4, 32, 0, tiny_data_dir)
     inputs = capture_layer_inputs(model, calib, 2, "cpu")
     layer = adapter.layers(model)[0]
-    settled = SettledOutputs(layer, list(adapter.linears(layer)))
+    settled = SettledOutputs(layer, list(adapter.linears(layer)), inputs=inputs.hidden)
     norm_forward, calls = type(layer.input_layernorm).forward, []
     monkeypatch.setattr(type(layer.input_layernorm), "forward",
                         lambda self, x: calls.append(self) or norm_forward(self, x))
@@ -276,3 +276,5 @@ def test_norms_of_the_layer_input_run_once_per_layer(tiny_model_dirs, tiny_data_
             assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert first == 2 and sum(c is layer.input_layernorm for c in calls) == 2 + 2  # once per batch, then replayed
     assert "forward" not in vars(layer.input_layernorm)
+    assert set(settled.memo) == {"input_layernorm", "post_attention_layernorm", "mlp.act_fn"}
+    assert settled.memo["post_attention_layernorm"] == {} and settled.memo["mlp.act_fn"] == {}  # fresh inputs: not kept

@@ -91,7 +91,7 @@ def compress_model(
             # true sequential: one forward per group, after the groups before it were compressed
             passes = [list(group) for group in adapter.sequential] if config.true_sequential else [list(linears)]
             # the fast path replays what the passes would redo: settled submodules and the attention core
-            settled = SettledOutputs(layer, list(linears), (adapter.attention, adapter.sequential[0]))
+            settled = SettledOutputs(layer, list(linears), (adapter.attention, adapter.sequential[0]), hidden)
             replayed = settled.replayed if config.fused else (lambda *args, **kwargs: nullcontext())
             done: set[str] = set()  # linears of this layer compressed so far
             for names in passes:

@@ -125,12 +125,16 @@ class SettledOutputs:
     tensors on every later pass, so recomputing it is waste. Exact: the tensors are the same ones.
     """
 
-    def __init__(self, layer: nn.Module, linear_names: list[str], attention: tuple[str, tuple[str, ...]] | None = None):
+    def __init__(self, layer: nn.Module, linear_names: list[str], attention: tuple[str, tuple[str, ...]] | None = None,
+                 inputs: list[torch.Tensor] = ()):
         """``attention``: (path of the attention module, the linears its attention core reads): once
-        those are final the core (softmax(q k^T) v, the costly part) is recorded and replayed too."""
+        those are final the core (softmax(q k^T) v, the costly part) is recorded and replayed too.
+        ``inputs``: the layer's input batches; a module without linears applied to one of them (the
+        input norm) is computed once per batch, not once per pass."""
         self.layer, self.linear_names, self.attention = layer, linear_names, attention
         self.recorded: dict[str, list] = {}
-        self.memo: dict[str, dict[int, tuple]] = {}  # linear-free module -> id(input) -> (input, output)
+        self.inputs = {id(x): x for x in inputs}
+        self.memo: dict[str, dict[int, torch.Tensor]] = {}  # linear-free module -> id(layer input) -> output
 
     def _plan(self, module: nn.Module, prefix: str, done: set[str], record: bool):
         """(path, module, replay?) for the outermost settled submodules; inside one that is
@@ -199,16 +203,17 @@ class SettledOutputs:
         return paths
 
     def _memoize(self, path: str) -> None:
-        """Until the block ends, ``path`` called on a tensor it saw before (the layer's input, a
-        replayed output) returns what it returned then: the same tensor, nothing recomputed."""
+        """Until the block ends, ``path`` called on one of the layer's input batches returns what it
+        returned for it before. Only those: other inputs change from pass to pass, and keeping
+        their outputs would cost memory for nothing."""
         module = self.layer.get_submodule(path)
         forward, seen = module.forward, self.memo.setdefault(path, {})
 
         def memoized(*args, **kwargs):
-            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            x = args[0] if len(args) == 1 and not kwargs else None
+            if x is None or self.inputs.get(id(x)) is not x:  # the inputs stay alive: their ids are theirs
                 return forward(*args, **kwargs)
-            hit = seen.get(id(args[0]))
-            if hit is None or hit[0] is not args[0]:  # the input is kept alive, so its id stays unique
-                hit = seen[id(args[0])] = (args[0], forward(args[0]))
-            return hit[1]
+            if id(x) not in seen:
+                seen[id(x)] = forward(x)
+            return seen[id(x)]
         module.forward = memoized

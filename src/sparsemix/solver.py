@@ -152,7 +152,7 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, maxq: torch.Tensor, mask: torch.Ten
         current = (scales[-1], zeros[-1]) if scales else (None, None)
         if plan.fused and nm is None and triton_available():
             from .sweep_kernel import triton_columns
-            Q1, Err1, L1 = triton_columns(W1, U1, mask1, *current, maxq, plan.any_quantized)
+            Q1, Err1, L1 = triton_columns(W1, U1, mask1, *current, maxq, plan.any_quantized, prune.blocksize)
         else:
             Q1, Err1, L1 = sweep_columns(W1, U1, mask1, *current, maxq, nm, plan.any_quantized,
                                          regrid if group and not plan.fused else None)

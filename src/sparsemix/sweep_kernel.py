@@ -25,8 +25,8 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _sweep_block(W_ptr, U_ptr, mask_ptr, scale_ptr, zero_ptr, maxq_ptr, Q_ptr, Err_ptr, L_ptr, rows,
-                 width: tl.constexpr, QUANTIZED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_block(W_ptr, U_ptr, mask_ptr, scale_ptr, zero_ptr, maxq_ptr, Q_ptr, Err_ptr, L_ptr, rows, width,
+                 QUANTIZED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c = tl.arange(0, BLOCK)
     live = r < rows
@@ -53,10 +53,11 @@ def _sweep_block(W_ptr, U_ptr, mask_ptr, scale_ptr, zero_ptr, maxq_ptr, Q_ptr, E
         W = W - err[:, None] * u[None, :]
 
 
-def triton_columns(W1, U1, mask1, scale, zero, maxq, quantized: bool):
+def triton_columns(W1, U1, mask1, scale, zero, maxq, quantized: bool, blocksize: int = 128):
     """``sweep_columns`` for a fixed (or adaptive, already chosen) mask in one launch.
 
     W1 [rows, b], U1 [b, b], mask1 [rows, b] bool, scale/zero/maxq [rows, 1] -> (Q1, Err1, L1) [rows, b].
+    ``blocksize`` (b or more): the sweep's block size, so a narrower last block reuses the compiled kernel.
     """
     rows, width = W1.shape
     Q1, Err1, L1 = (torch.empty(rows, width, device=W1.device, dtype=torch.float32) for _ in range(3))
@@ -66,6 +67,6 @@ def triton_columns(W1, U1, mask1, scale, zero, maxq, quantized: bool):
     maxq = torch.where(torch.isfinite(maxq), maxq, -1.0).reshape(rows).contiguous()
     _sweep_block[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         W1.contiguous(), U1.contiguous(), mask1.contiguous().view(torch.uint8), scale, zero, maxq, Q1, Err1, L1,
-        rows, width=width, QUANTIZED=quantized, ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(width),
+        rows, width, QUANTIZED=quantized, ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(max(width, blocksize)),
         enable_fp_fusion=False)  # no fused multiply-adds: the same roundings as the column loop, bit for bit
     return Q1, Err1, L1
