@@ -188,8 +188,8 @@ class SettledOutputs:
         key = path + ".<attention core>"  # under the module's path: dropped once the module itself is recorded
         if not set(inputs) <= done or path in replayed_paths or (key not in self.recorded and not record):
             return nullcontext()
-        return attention_core_memo(self.layer.get_submodule(path), self.recorded.setdefault(key, []),
-                                   replay=key in self.recorded and bool(self.recorded[key]))
+        outputs = self.recorded.setdefault(key, [])
+        return attention_core_memo(self.layer.get_submodule(path), outputs, replay=bool(outputs))
 
     def _linear_free(self) -> list[str]:
         """The outermost submodules holding no compressed linear (norms, activations): pure

@@ -105,7 +105,7 @@ class SweepPlan:
     prune: PruneConfig
     quant: QuantConfig
     any_quantized: bool  # some row has a grid (bits < 16)
-    fixed_mask: bool
+    fixed_mask: bool  # the mask is given (an input of the graph), not chosen on the way
     fused: bool  # Triton block sweeps (GPU)
 
     @property
@@ -240,8 +240,9 @@ class _GraphedSweep:
 
 @functools.lru_cache(maxsize=16)
 def _graphed_sweep(plan: SweepPlan, device: str) -> _GraphedSweep:
-    # a handful of plans per model (stacked q/k/v, o, stacked gate/up, down); the device is
-    # part of the key because a graph belongs to one GPU
+    # a handful of plans per model (stacked q/k/v, o, stacked gate/up, down), kept for the process
+    # so that later runs (compare, sweep) replay them too; the device is part of the key because
+    # a graph belongs to one GPU
     return _GraphedSweep(plan)
 
 
