@@ -3,7 +3,8 @@
     python benchmarks/compress_speed.py MODEL --data-dir DIR [--device cuda] [--runs NAME,...]
 
 Runs (each on a fresh copy of the dense model, one shared calibration set):
-  solver-check      fused (CUDA graph) vs plain column loop on random layers: max |difference|
+  solver-check      fused (Triton blocks, whole-sweep CUDA graphs) vs plain column loop on random layers,
+                    each shape three times (eager, captured, replayed): max |difference|
   budget4-fused     50% + budget 4.0, the fast path            (issue 6 target: <= 8 s on an H100)
   budget4-plain     50% + budget 4.0, the straightforward path  (perplexity must agree within 0.5%)
   budget4-tf32, budget4-bf16, budget4-bf16-onepass
