@@ -87,7 +87,7 @@ def sparsegpt_quantize(
     ends = list(itertools.accumulate(segments or [rows]))
     if ends[-1] != rows:
         raise ValueError(f"segments {list(segments)} do not add up to the {rows} rows")
-    group = quant.group_size if 0 < quant.group_size < cols else 0
+    group = _group_size(quant, cols)
     fused = fused and W.is_cuda and not (group and group % prune.blocksize)  # no grid change inside a block
     plan = SweepPlan(rows, cols, tuple(ends), prune, quant, bool(torch.isfinite(maxq).any()), mask is not None, fused)
     if fused:
@@ -110,7 +110,12 @@ class SweepPlan:
 
     @property
     def group(self) -> int:
-        return self.quant.group_size if 0 < self.quant.group_size < self.cols else 0
+        return _group_size(self.quant, self.cols)
+
+
+def _group_size(quant: QuantConfig, cols: int) -> int:
+    """Columns per grid group, 0 for one grid per row."""
+    return quant.group_size if 0 < quant.group_size < cols else 0
 
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, maxq: torch.Tensor, mask: torch.Tensor | None, plan: SweepPlan):
