@@ -136,11 +136,13 @@ def main() -> None:
     parser.add_argument("--runs", default="solver-check," + ",".join(RUNS) + ",sensitivity")
     parser.add_argument("--jsonl", default=None)
     args = parser.parse_args()
-    run = RunConfig(model=args.model, data_dir=args.data_dir, device=args.device,
-                    eval=tuple(c for c in args.eval.split(",") if c))
+    names = args.runs.split(",")
+    first = next((RUNS[name] for name in names if name in RUNS), CompressionConfig())
+    run = RunConfig(model=args.model, data_dir=args.data_dir, device=args.device, compression=first,
+                    eval=tuple(c for c in args.eval.split(",") if c))  # the GPU warms up for the first run
     prepared = prepare(run)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    for name in args.runs.split(","):
+    for name in names:
         start = time.perf_counter()
         if name == "solver-check":
             record = solver_check(args.device)
@@ -154,6 +156,8 @@ def main() -> None:
             record = {"run": name, "perplexity": full["perplexity"],
                       "compress_seconds": full["timings"]["compress_seconds"],
                       "phases": full["timings"]["compress_phases"],
+                      "device_warmup": {k: full["timings"].get(k) for k in ("load_seconds", "device_warmup_seconds",
+                                                                           "device_warmup_wait_seconds")},
                       "peak_gpu_memory_gb": full["timings"].get("peak_gpu_memory_gb"),
                       "eval_tokens_per_second": {c: e["tokens_per_second"] for c, e in full["evaluation"].items()},
                       "summary": {k: full["summary"][k] for k in ("channel_average_bits", "parameter_weighted_bits",

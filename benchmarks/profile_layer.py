@@ -3,8 +3,10 @@
     python benchmarks/profile_layer.py MODEL --data-dir DIR [--layers 4] [--nsamples 128] [--batch-size 8]
     python benchmarks/profile_layer.py random-smollm2 [--layers 4]    # SmolLM2-135M's shape, random weights
 
-Prints JSON lines, one group per run (``--runs``, after a warm-up run): ``timed`` the phase
-seconds with nothing attached; ``kernels`` the GPU's busy time against the wall time (idle gaps
+Prints JSON lines, one group per run (``--runs``, after a warm-up run): ``cold`` (instead of the
+warm-up) the first run in this process and then a second, with nothing attached, after warming
+only the ``--prewarm`` parts (cublas, cusolver, alloc: what a first run pays for that a second
+does not); ``timed`` the phase seconds with nothing attached; ``kernels`` the GPU's busy time against the wall time (idle gaps
 mean the host is the bottleneck) and the top CUDA kernels; ``host`` Python functions by own time;
 ``steps`` the solve's steps (Hessian inverse, importance, allocation, sweep, ...) each timed
 with the GPU synchronised around it.
@@ -76,6 +78,19 @@ def timed_steps(totals: dict):
             setattr(module, name, original)
 
 
+def prewarm(parts: list[str]) -> None:
+    """Initialise only the named parts of the CUDA stack, outside any timing."""
+    torch.cuda.init()
+    x = torch.randn(64, 64, device="cuda")
+    if "cublas" in parts:
+        x @ x
+    if "cusolver" in parts:
+        torch.cholesky_inverse(torch.linalg.cholesky(2 * torch.eye(64, device="cuda")))
+    if "alloc" in parts:
+        torch.empty(8 << 30, dtype=torch.uint8, device="cuda")  # freed at once; the caching allocator keeps it
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -84,7 +99,10 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--runs", default="timed,kernels,host,steps", help="which of timed,kernels,host,steps")
+    parser.add_argument("--runs", default="timed,kernels,host,steps", help="which of cold,timed,kernels,host,steps")
+    parser.add_argument("--prewarm", default="", help="for cold: which of cublas,cusolver,alloc to warm first")
+    parser.add_argument("--cold-host", action="store_true",
+                        help="for cold: Python functions by how much longer they took in the first run than the second")
     args = parser.parse_args()
     runs = args.runs.split(",")
     config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
@@ -100,7 +118,29 @@ def main() -> None:
         windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
     else:
         windows = calibration_windows("c4", tokenizer, args.nsamples, args.seqlen, 0, args.data_dir)
-    compress_model(model, windows, config, "cuda", args.batch_size)  # warm-up: kernels compiled, graphs captured
+    if "cold" in runs:
+        prewarm(args.prewarm.split(","))
+        host = {}
+        for attempt in ("first", "second"):
+            if attempt == "second":
+                model, _ = fresh()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with cProfile.Profile() if args.cold_host else contextlib.nullcontext() as profile:
+                result = compress_model(model, windows, config, "cuda", args.batch_size, keep_on_device=True)
+            if profile is not None:
+                host[attempt] = pstats.Stats(profile).stats
+            print(json.dumps({"run": f"cold-{attempt}", "prewarm": args.prewarm, "device": device, "layers": args.layers,
+                              "phases": result.phases, "compress_seconds": result.seconds,
+                              "wall_seconds": time.perf_counter() - start}), flush=True)
+        if host:
+            extra = {key: (v[3] - host["second"].get(key, (0, 0, 0, 0))[3], v[2] - host["second"].get(key, (0, 0, 0))[2])
+                     for key, v in host["first"].items()}
+            for (file, line, name), (cumulative, own) in sorted(extra.items(), key=lambda item: -item[1][0])[:40]:
+                print(json.dumps({"first-minus-second": f"{file.split('/')[-1]}:{line}:{name}",
+                                  "cumulative_seconds": round(cumulative, 4), "own_seconds": round(own, 4)}), flush=True)
+    else:
+        compress_model(model, windows, config, "cuda", args.batch_size)  # warm-up: kernels compiled, graphs captured
     if "timed" in runs:
         model, _ = fresh()
         torch.cuda.synchronize()

@@ -5,7 +5,7 @@
 #  2) a second process (kernels cached on disk): the fast path twice (the second also finds its
 #     sweep graphs captured);
 #  3) the OPT-6.7B shape with random weights: compression time and peak GPU memory.
-# Usage: [EVAL=wikitext2] [FAST_ONLY=1] bash benchmarks/speed_check.sh MODEL.gguf DATA_DIR OUT_DIR
+# Usage: [EVAL=wikitext2] [FAST_ONLY=1] [SKIP_SCALE=1] bash benchmarks/speed_check.sh MODEL.gguf DATA_DIR OUT_DIR
 set -euo pipefail
 model=$1 data=$2 out=$3
 mkdir -p "$out"
@@ -17,4 +17,4 @@ python3 benchmarks/compress_speed.py "$model" --data-dir "$data" --runs "$first"
   --jsonl "$out/speed-cold.jsonl" | cut -c1-600
 python3 benchmarks/compress_speed.py "$model" --data-dir "$data" --runs budget4-fused,budget4-fused --eval "$eval_on" \
   --jsonl "$out/speed-cached.jsonl" | cut -c1-600
-python3 benchmarks/scale.py --shapes opt-6.7b --jsonl "$out/scale.jsonl"
+[ "${SKIP_SCALE:-0}" = 1 ] || python3 benchmarks/scale.py --shapes opt-6.7b --jsonl "$out/scale.jsonl"

@@ -278,3 +278,23 @@ def test_norms_of_the_layer_input_run_once_per_layer(tiny_model_dirs, tiny_data_
     assert "forward" not in vars(layer.input_layernorm)
     assert set(settled.memo) == {"input_layernorm", "post_attention_layernorm", "mlp.act_fn"}
     assert settled.memo["post_attention_layernorm"] == {} and settled.memo["mlp.act_fn"] == {}  # fresh inputs: not kept
+
+
+def test_device_warm_up_leaves_the_random_stream_alone():
+    from sparsemix.pipeline import DeviceWarmUp
+
+    config = CompressionConfig(PruneConfig(0.5), allocation=AllocationConfig(method="budget", target_avg_bits=4.0))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    timings = DeviceWarmUp(config, "cpu").join()  # the same code a GPU run starts while the model loads
+    assert torch.equal(torch.rand(4), expected)  # calibration windows drawn after it are the same
+    assert timings["device_warmup_seconds"] > 0 and timings["device_warmup_wait_seconds"] >= 0
+
+
+def test_failed_device_warm_up_only_warns(caplog):
+    from sparsemix.pipeline import DeviceWarmUp
+
+    timings = DeviceWarmUp(CompressionConfig(), "meta").join()  # no data on meta tensors: the solve fails
+    assert timings["device_warmup_seconds"] is None
+    assert "device warm-up failed" in caplog.text

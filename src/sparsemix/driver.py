@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import collect_statistics
+from .calibration import InputStatistics, OutputStatistics, collect_statistics
 from .checkpoint import LayerCheckpoint, Resumed, run_key
 from .config import CompressionConfig
 from .engine import compress_linears
@@ -32,6 +32,28 @@ class CompressionResult:
     grids: dict[str, torch.Tensor] = field(default_factory=dict)  # packing.row_grids of every linear
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: sensitivity, forward, solve, other
+
+
+def warm_up_device(config: CompressionConfig, device: torch.device | str) -> float:
+    """Start what a compression on ``device`` will use (CUDA context, cuBLAS and cuSOLVER handles,
+    Triton's JIT and this config's kernels) by compressing two small random linears -> seconds.
+
+    A process's first compression otherwise pays for it (about 1.5 s on an H100, most of it Triton
+    hashing its own library and loading its launcher); ``pipeline.prepare`` runs this in a thread
+    while the model loads. A private generator: the caller's random stream is left alone.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=generator).to(device)  # 256 columns: two blocks, two grid groups
+    weights = [torch.randn(32, 256, generator=generator).to(device) for _ in range(2)]
+    inputs, outputs = InputStatistics(256, device), [OutputStatistics(32, device) for _ in weights]
+    inputs.update(x)
+    for weight, stats in zip(weights, outputs):
+        stats.update(x @ weight.T)
+    compress_linears(["warm-up.a", "warm-up.b"], weights, inputs, outputs, config, [None, None], [None, None])
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def sensitivity_plan(model, windows, config: CompressionConfig, device, batch_size: int):

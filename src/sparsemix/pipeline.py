@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import CompressionConfig, ConfigError
 from .data import CORPORA, calibration_windows, eval_windows
-from .driver import CompressionResult, compress_model
+from .driver import CompressionResult, compress_model, warm_up_device
 from .evaluation import perplexity
 from .files import write_directory, write_json
 from .models import DEFAULT_MODEL, load_model, max_sequence_length
@@ -26,6 +28,7 @@ SIDECAR = "sparsemix.json"
 Echo = Callable[[str], None] | None
 BITS_FILE = "sparsemix_bits.safetensors"
 GRIDS_FILE = "sparsemix_grids.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,43 @@ class Prepared:
     calibration: torch.Tensor | None  # [nsamples, seqlen]
     evaluation: dict[str, torch.Tensor]  # corpus -> [windows, seqlen]
     timings: dict[str, float]
+    warm_up: DeviceWarmUp | None = None  # the GPU stack starting while the model loaded
+
+    def device_ready(self) -> None:
+        """Wait for the warm-up (if any); its seconds and the wait go into ``timings``."""
+        if self.warm_up is not None:
+            self.timings.update(self.warm_up.join())
+            self.warm_up = None
+
+
+class DeviceWarmUp:
+    """``driver.warm_up_device`` in a background thread: the CUDA and Triton start-up overlaps
+    model loading instead of landing in the first compression."""
+
+    def __init__(self, config: CompressionConfig, device: str):
+        self.seconds: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(config, device), name="sparsemix-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self, config: CompressionConfig, device: str) -> None:
+        try:
+            self.seconds = warm_up_device(config, device)
+        except Exception as error:  # only a head start: the compression itself reports real faults
+            log.warning("device warm-up failed (%s); the first compression will start the GPU itself", error)
+
+    def join(self) -> dict[str, float]:
+        """-> {device_warmup_seconds: its own time, device_warmup_wait_seconds: how long this waited}."""
+        start = time.perf_counter()
+        self.thread.join()
+        return {"device_warmup_seconds": self.seconds, "device_warmup_wait_seconds": time.perf_counter() - start}
 
 
 def prepare(run: RunConfig, calibrate: bool = True) -> Prepared:
-    """Load the model and tokenise the calibration and evaluation windows once."""
+    """Load the model and tokenise the calibration and evaluation windows once; for a compression
+    on a GPU the device warms up meanwhile (``DeviceWarmUp``)."""
+    warm_up = None
+    if calibrate and run.compression is not None and torch.device(run.resolved_device).type == "cuda":
+        warm_up = DeviceWarmUp(run.compression, run.resolved_device)
     t = time.perf_counter()
     model, tokenizer = load_model(run.model, DTYPES[run.dtype])
     timings = {"load_seconds": time.perf_counter() - t}
@@ -127,7 +163,7 @@ def prepare(run: RunConfig, calibrate: bool = True) -> Prepared:
         calibration = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
     evaluation = {corpus: eval_windows(corpus, tokenizer, run.seqlen, run.data_dir) for corpus in run.eval}
     timings["data_seconds"] = time.perf_counter() - t
-    return Prepared(run, model, tokenizer, calibration, evaluation, timings)
+    return Prepared(run, model, tokenizer, calibration, evaluation, timings, warm_up)
 
 
 def evaluate(model, prepared: Prepared, progress: bool = False, echo: Echo = None) -> dict[str, dict]:
@@ -151,6 +187,8 @@ def compress_and_evaluate(
 ) -> tuple[dict, CompressionResult | None]:
     """Compress ``model`` in place with ``compression`` (None: leave it dense), evaluate -> (record, result)."""
     run = dataclasses.replace(prepared.run, compression=compression) if compression else prepared.run
+    if compression is not None:
+        prepared.device_ready()
     timings = dict(prepared.timings)
     result = None
     if compression is not None:
