@@ -59,20 +59,23 @@ def width_mix(rows: int, mean: float, gen: torch.Generator) -> torch.Tensor:
     return bits[torch.randperm(rows, generator=gen)]
 
 
-def layer(rows: int, cols: int, mean_bits: float, sparsity: float, device: str):
-    """-> (PackedLinear on ``device``, its PackedWeight, dequantised weight fp16, widths [rows])."""
-    from sparsemix.kernels import kernel_meta
+def layer(rows: int, cols: int, mean_bits: float, sparsity: str, device: str):
+    """-> (PackedLinear on ``device``, its PackedWeight, dequantised weight fp16, widths [rows]).
+    ``sparsity``: a fraction (unstructured, bitmask; 0 dense) or "2:4"."""
+    from sparsemix.kernels import kernel_meta, two_four_meta
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(rows * 7 + cols)
     bits = width_mix(rows, mean_bits, gen)
-    packed = random_packed(bits, cols, sparsity, cols, gen, device)
+    two_four = sparsity == "2:4"
+    packed = random_packed(bits, cols, 0.5 if two_four else float(sparsity), cols, gen, device, two_four=two_four)
     module = PackedLinear(packed.header(), packed.tensors, bias=False)
     module.kernel_meta = kernel_meta(module)
+    module.two_four_meta = two_four_meta(module) or {}
     return module, packed, dequantise(packed), bits
 
 
-def case(module, packed, weight, bits, mean_bits: float, sparsity: float, batch: int, peak, copy) -> dict:
+def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: int, peak, copy) -> dict:
     from triton.testing import do_bench_cudagraph
 
     from sparsemix.kernels import kernel_bytes, packed_matmul
@@ -82,7 +85,8 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: float, batch:
     error = float((packed_matmul(x, module).float() - x.float() @ weight.float().T).abs().max())
     dense_us = do_bench_cudagraph(lambda: torch.matmul(x, weight.T)) * 1e3
     kernel_us = do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3
-    read = kernel_bytes(module.kernel_meta, batch, rows, cols)  # its arrangement of the weight, x in, fp32 y out
+    meta = module.two_four_meta if batch == 1 and module.two_four_meta else module.kernel_meta
+    read = kernel_bytes(meta, batch, rows, cols)  # its arrangement of the weight, x in, fp32 y out
     achieved = read / kernel_us / 1e3
     return {"shape": [rows, cols], "mean_bits": mean_bits, "code_bits": float(bits.float().mean()),
             "sparsity": sparsity, "batch": batch, "fp16_us": dense_us, "kernel_us": kernel_us,
@@ -97,8 +101,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="out x in, comma-separated")
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
-    parser.add_argument("--sparsity", default="0.5,0", help="0.5: unstructured with bitmask; 0: dense")
+    parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
+    parser.add_argument("--tune", default="", help="2:4 at batch 1: also time ROWSxTILESxWARPS configs, e.g. 128x4x4,256x4x8")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -107,11 +112,25 @@ def main() -> None:
     for shape in args.shapes.split(","):
         rows, cols = (int(v) for v in shape.lower().split("x"))
         for mean_bits in (float(b) for b in args.bits.split(",")):
-            for sparsity in (float(s) for s in args.sparsity.split(",")):
+            for sparsity in args.sparsity.split(","):
                 built = layer(rows, cols, mean_bits, sparsity, args.device)
                 for batch in (int(b) for b in args.batch.split(",")):
                     result = case(*built, mean_bits, sparsity, batch, peak, copy)
                     print(json.dumps({"gpu": name, **result}), flush=True)
+                if sparsity == "2:4" and args.tune:
+                    tune(built, mean_bits, args.tune, peak, copy, name)
+
+
+def tune(built, mean_bits: float, configs: str, peak, copy, name: str) -> None:
+    """The 2:4 batch-1 case again under each ROWSxTILESxWARPS config (rows and tiles per program, warps)."""
+    from sparsemix import kernels
+
+    module = built[0]
+    for config in configs.split(","):
+        kernels.TWO_FOUR_BLOCK_R, kernels.TWO_FOUR_TILES, kernels.TWO_FOUR_WARPS = (int(v) for v in config.split("x"))
+        module.two_four_meta = kernels.two_four_meta(module)
+        result = case(*built, mean_bits, "2:4", 1, peak, copy)
+        print(json.dumps({"gpu": name, "config": config, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,38 @@ def check(device: str) -> None:
 def test_kernel_matches_dequantise_then_matmul():
     pytest.importorskip("triton")
     check("cuda" if torch.cuda.is_available() else "cpu")
+
+
+TWO_FOUR_CASES = [  # rows, cols, widths, group size: every 4 columns keep 2
+    (300, 256, (2, 3, 4, 6, 8, 16), 256),  # all widths, segments over several 128-row blocks
+    (40, 320, (3, 6), 64),  # a group per tile; 5 tiles: a ragged last program
+    (7, 128, (16,), 128),  # unquantised rows only
+]
+
+
+def test_two_four_rows_take_the_fixed_position_kernel_at_batch_1():
+    pytest.importorskip("triton")
+    from sparsemix.kernels import packed_matmul
+    from sparsemix.packed import PackedLinear
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(1)
+    for rows, cols, widths, group_size in TWO_FOUR_CASES:
+        bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
+        packed = random_packed(bits, cols, 0.5, group_size, gen, two_four=True)
+        module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
+        x = torch.randn(1, cols, generator=gen).half()
+        y = packed_matmul(x.to(device), module).float().cpu()
+        assert module.two_four_meta, "a 2:4 mask should select the 2:4 kernel"
+        reference = x.float() @ dequantise(packed).float().T
+        assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (rows, cols, widths)
+
+
+def test_unstructured_masks_do_not_take_the_two_four_kernel():
+    pytest.importorskip("triton")
+    from sparsemix.kernels import two_four_meta
+    from sparsemix.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(2)
+    packed = random_packed(torch.full((16,), 4), 128, 0.5, 128, gen)
+    assert two_four_meta(PackedLinear(packed.header(), packed.tensors, bias=False)) is None

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packing import signed32
+from .packing import pack_bits, signed32, unpack_bits
 
 CHUNK = 1024  # target columns per program: 4096 x 4096 -> 128 row blocks x 4 chunks = 512 programs
 BLOCK_R = 32  # rows per program
@@ -163,6 +163,144 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
+# --- 2:4 rows at batch 1 ---------------------------------------------------------------------------
+# When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), the file's bitmask
+# is 2:4 metadata as it stands: a row's k-th kept code belongs to column group k // 2, and the
+# group's mask nibble says which 2 of its 4 columns. Code positions are then fixed, so a tile's codes
+# need no popcounts: one thread per row walks 64-column tiles, every shift known at compile time.
+
+TILE = 64  # columns per tile: 32 kept codes of W bits fill W whole words
+
+
+@triton.jit
+def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr):
+    """Code k (0..31) of the tile whose W words start at ``words`` (one word per row, words
+    ``rows_stride`` apart), as uint32; 3- and 6-bit codes may straddle two words."""
+    first: tl.constexpr = (k * W) // 32
+    shift: tl.constexpr = (k * W) % 32
+    code = tl.load(words + first * rows_stride).to(tl.uint32, bitcast=True) >> shift
+    if shift + W > 32:
+        code = code | (tl.load(words + (first + 1) * rows_stride).to(tl.uint32, bitcast=True) << (32 - shift))
+    return code & ((1 << W) - 1)
+
+
+@triton.jit
+def _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr,
+                    row0, row_end, word_base, seg_row0, seg_rows, pid_k, R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
+                    W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < row_end
+    rows = tl.where(row_ok, rows, row0)  # loads of a ragged block's spare lanes repeat row0: no masks needed
+    local = rows - seg_row0
+    if W < 16:
+        s = tl.load(scale_ptr + rows).to(tl.float32)
+        z = -tl.load(zero_ptr + rows).to(tl.float32) * s
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    first = pid_k * TILES_PER_PROGRAM
+    for t in range(first, tl.minimum(first + TILES_PER_PROGRAM, K // 64)):
+        if W < 16:
+            if GROUPED:  # group size a multiple of 64: one group per tile
+                g = (t * 64) // GROUP_SIZE
+                s = tl.load(scale_ptr + g * RQ + rows).to(tl.float32)
+                z = -tl.load(zero_ptr + g * RQ + rows).to(tl.float32) * s
+        m0 = tl.load(mask_ptr + (2 * t) * R + rows).to(tl.uint32, bitcast=True)
+        m1 = tl.load(mask_ptr + (2 * t + 1) * R + rows).to(tl.uint32, bitcast=True)
+        words = codes_ptr + word_base + t * W * seg_rows + local
+        xs = x_ptr + t * 64
+        for g in tl.static_range(16):
+            if g < 8:
+                n = (m0 >> (4 * g)) & 15
+            else:
+                n = (m1 >> (4 * (g - 8))) & 15
+            x0 = tl.load(xs + 4 * g).to(tl.float32)
+            x1 = tl.load(xs + 4 * g + 1).to(tl.float32)
+            x2 = tl.load(xs + 4 * g + 2).to(tl.float32)
+            x3 = tl.load(xs + 4 * g + 3).to(tl.float32)
+            x_lo = tl.where((n & 1) != 0, x0, tl.where((n & 2) != 0, x1, x2))  # the lower kept column
+            x_hi = tl.where((n & 8) != 0, x3, tl.where((n & 4) != 0, x2, x1))  # the upper one
+            lo = _tile_code(words, seg_rows, 2 * g, W)
+            hi = _tile_code(words, seg_rows, 2 * g + 1, W)
+            if W == 16:
+                w_lo = lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                w_hi = hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                w_lo = lo.to(tl.float32) * s + z
+                w_hi = hi.to(tl.float32) * s + z
+            acc += w_lo * x_lo + w_hi * x_hi
+    perm = tl.load(perm_ptr + rows)
+    tl.atomic_add(y_ptr + perm, acc, mask=row_ok)
+
+
+@triton.jit
+def _two_four_kernel(x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, perm_ptr, scale_ptr, zero_ptr,
+                     R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
+                     PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program: the row block table[pid 0] (one width) x TILES_PER_PROGRAM tiles from pid 1's."""
+    pid_r, pid_k = tl.program_id(0), tl.program_id(1)
+    entry = table_ptr + pid_r * 6
+    row0, row_end, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
+    for w in tl.static_range(2, 17):
+        if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
+            if width == w:
+                _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                                word_base, seg_row0, seg_rows, pid_k, R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
+                                w, GROUPED, BLOCK_R)
+
+
+TWO_FOUR_BLOCK_R = 128  # rows per program
+TWO_FOUR_WARPS = 4  # one row per thread at 128 rows
+TWO_FOUR_TILES = 4  # tiles per program: 4096 x 4096 -> 32 row blocks x 16 = 512 programs
+
+
+def two_four_meta(module) -> dict | None:
+    """The batch-1 2:4 arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
+    columns or groups are not whole 64-column tiles). Per width segment, codes as int32
+    [tiles, W, segment rows] (tile t's 32 codes of a row in W words); mask words [cols / 32, rows];
+    scale/zero [groups, quantized rows]: every load is one word per thread of consecutive rows."""
+    packed = module.packed()
+    rows, cols, group_size = packed.rows, packed.cols, packed.group_size
+    if "mask" not in packed.tensors or cols % TILE or (group_size != cols and group_size % TILE):
+        return None
+    kept = packed.kept()
+    if not bool((kept.view(rows, cols // 4, 4).sum(-1) == 2).all()):
+        return None
+    device = module.codes.device
+    widths = packed.row_widths.to(device)
+    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols // 2).flatten())
+    values = values.view(rows, cols // 2)
+    tiles = cols // TILE
+    parts, table, base, seg_row = [], [], 0, 0
+    for width, n in packed.widths.items():
+        seg = pack_bits(values[seg_row:seg_row + n].flatten(), torch.full((n * cols // 2,), width, device=device))
+        parts.append(seg.view(n, tiles, width).permute(1, 2, 0).flatten())
+        table += [[r, seg_row + n, width, base, seg_row, n] for r in range(seg_row, seg_row + n, TWO_FOUR_BLOCK_R)]
+        base += seg.numel()
+        seg_row += n
+    assert base < INT32_MAX and rows * cols // 32 < INT32_MAX, "offsets need int32"
+    mask = module.mask.contiguous().view(torch.int32).T.contiguous()  # cols % 64 == 0: rows of whole words
+    quantized = int((widths < 16).sum())
+    scale = packed.tensors["scale"].T.contiguous() if quantized else torch.ones(1, 1, dtype=torch.float16, device=device)
+    zero = packed.tensors["zero"].T.contiguous() if quantized else torch.zeros(1, 1, dtype=torch.float16, device=device)
+    return {"codes": torch.cat(parts), "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
+            "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale, "zero": zero,
+            "quantized_rows": max(quantized, 1), "present": sum(1 << w for w in packed.widths),
+            "block_r": TWO_FOUR_BLOCK_R}
+
+
+def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
+    """x [1, cols] fp16 -> x W^T [1, rows] fp32 through the 2:4 kernel."""
+    y = torch.zeros(1, rows, dtype=torch.float32, device=x.device)
+    tiles = cols // TILE
+    grid = (meta["table"].shape[0], -(-tiles // TWO_FOUR_TILES))
+    _two_four_kernel[grid](
+        x, y, meta["codes"], meta["mask"], meta["table"], meta["perm"], meta["scale"], meta["zero"],
+        rows, meta["quantized_rows"], cols, group_size, TWO_FOUR_TILES,
+        PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=meta["block_r"], num_warps=TWO_FOUR_WARPS,
+    )
+    return y
+
+
 def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
     """The bitstream ``codes`` and (start bit, bits) per segment -> one int32 stream in which each
     segment starts at bit 0 of a word, and each segment's first word there."""
@@ -238,19 +376,26 @@ def kernel_meta(module) -> dict:
 def kernel_bytes(meta: dict, batch: int, rows: int, cols: int) -> int:
     """Bytes one packed_matmul call reads or writes at least once: the arrangement, x and fp32 y."""
     read = sum(meta[k].numel() * meta[k].element_size()
-               for k in ("codes", "mask", "table", "chunk_off", "perm", "scale", "zero") if meta[k] is not None)
+               for k in ("codes", "mask", "table", "chunk_off", "perm", "scale", "zero") if meta.get(k) is not None)
     return read + batch * cols * 2 + batch * rows * 4
 
 
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed."""
-    if module.kernel_meta is None:
-        module.kernel_meta = kernel_meta(module)
-    meta, header = module.kernel_meta, module.header
+    header = module.header
     rows, cols = header["rows"], header["cols"]
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
     batch = flat.shape[0]
     assert batch <= MAX_BATCH, f"the packed kernel takes at most {MAX_BATCH} tokens, got {batch}"
+    if batch == 1:
+        if module.two_four_meta is None:
+            module.two_four_meta = two_four_meta(module) or {}
+        if module.two_four_meta:
+            y = _two_four_matvec(flat, module.two_four_meta, rows, cols, header["group_size"])
+            return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+    if module.kernel_meta is None:
+        module.kernel_meta = kernel_meta(module)
+    meta = module.kernel_meta
     y = torch.zeros(batch, rows, dtype=torch.float32, device=x.device)
     block_b = 1 if batch == 1 else (16 if batch >= DOT_BATCH else triton.next_power_of_2(batch))
     mask = meta["mask"] if meta["mask"] is not None else meta["codes"]  # any pointer: never read when dense

@@ -178,9 +178,10 @@ def dequantise(packed: PackedWeight) -> torch.Tensor:
 
 
 def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: int,
-                  generator: torch.Generator, device: str = "cpu") -> PackedWeight:
+                  generator: torch.Generator, device: str = "cpu", two_four: bool = False) -> PackedWeight:
     """A random layer with rows of widths ``bits`` [rows] and ``sparsity`` (0: dense, no mask) in the
-    packed format on ``device``, for kernel tests and benchmarks: random codes on random fp16 grids."""
+    packed format on ``device``, for kernel tests and benchmarks: random codes on random fp16 grids.
+    ``two_four``: 2 kept weights in every 4 consecutive columns instead (``sparsity`` is then 0.5)."""
     rows = bits.numel()
     groups = -(-cols // group_size)
     maxq = (2.0 ** bits.clamp(max=8) - 1)[:, None]
@@ -191,5 +192,9 @@ def random_packed(bits: torch.Tensor, cols: int, sparsity: float, group_size: in
     floats = (0.05 * torch.randn(rows, cols, generator=generator)).half().float()
     weight = torch.where(bits[:, None] < UNQUANTIZED, s * (codes - z), floats)
     kept = torch.rand(rows, cols, generator=generator) >= sparsity
+    if two_four:  # the 2 of each 4 with the largest random keys
+        keys = torch.rand(rows, -(-cols // 4), 4, generator=generator)
+        kept = (keys.argsort(-1).argsort(-1) >= 2).flatten(1)[:, :cols]
+        sparsity = 0.5
     weight = torch.where(kept, weight, torch.zeros_like(weight)).half()
     return pack_linear(weight.to(device), bits, scale.to(device), zero.to(device), kept, group_size, sparsity > 0)
