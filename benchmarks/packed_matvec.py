@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
-    parser.add_argument("--tune", default="", help="2:4 at batch 1: also time ROWSxTILESxWARPS configs, e.g. 128x4x4,256x4x8")
+    parser.add_argument("--tune", default="", help="2:4 at batch 1: also time ELEMENTSxSPLITxWARPS configs, e.g. 512x64x4")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -122,12 +122,13 @@ def main() -> None:
 
 
 def tune(built, mean_bits: float, configs: str, peak, copy, name: str) -> None:
-    """The 2:4 batch-1 case again under each ROWSxTILESxWARPS config (rows and tiles per program, warps)."""
+    """The 2:4 batch-1 case again under each ELEMENTSxSPLITxWARPS config ((row, tile column) pairs per
+    program, most tile columns side by side, warps)."""
     from sparsemix import kernels
 
     module = built[0]
     for config in configs.split(","):
-        kernels.TWO_FOUR_BLOCK_R, kernels.TWO_FOUR_TILES, kernels.TWO_FOUR_WARPS = (int(v) for v in config.split("x"))
+        kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS = (int(v) for v in config.split("x"))
         module.two_four_meta = kernels.two_four_meta(module)
         result = case(*built, mean_bits, "2:4", 1, peak, copy)
         print(json.dumps({"gpu": name, "config": config, **result}), flush=True)

@@ -135,9 +135,9 @@ def _block(x_ptr, y_ptr, codes_ptr, mask_ptr, chunk_off_ptr, perm_ptr, scale_ptr
                 acc += tl.sum(w[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
     perm = tl.load(perm_ptr + rows, mask=row_ok, other=0)
     if BLOCK_B == 1:
-        tl.atomic_add(y_ptr + perm, tl.sum(acc, axis=1), mask=row_ok)
+        tl.atomic_add(y_ptr + perm, tl.sum(acc, axis=1), mask=row_ok, sem="relaxed")
     else:
-        tl.atomic_add(y_ptr + batch[None, :] * R + perm[:, None], acc, mask=row_ok[:, None] & (batch < B)[None, :])
+        tl.atomic_add(y_ptr + batch[None, :] * R + perm[:, None], acc, mask=row_ok[:, None] & (batch < B)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -173,91 +173,109 @@ TILE = 64  # columns per tile: 32 kept codes of W bits fill W whole words
 
 
 @triton.jit
-def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr):
+def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr, row_ok):
     """Code k (0..31) of the tile whose W words start at ``words`` (one word per row, words
     ``rows_stride`` apart), as uint32; 3- and 6-bit codes may straddle two words."""
     first: tl.constexpr = (k * W) // 32
     shift: tl.constexpr = (k * W) % 32
-    code = tl.load(words + first * rows_stride).to(tl.uint32, bitcast=True) >> shift
+    code = tl.load(words + first * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True) >> shift
     if shift + W > 32:
-        code = code | (tl.load(words + (first + 1) * rows_stride).to(tl.uint32, bitcast=True) << (32 - shift))
+        code = code | (tl.load(words + (first + 1) * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+                       << (32 - shift))
     return code & ((1 << W) - 1)
 
 
 @triton.jit
 def _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr,
-                    row0, row_end, word_base, seg_row0, seg_rows, pid_k, R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
-                    W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = row0 + tl.arange(0, BLOCK_R)
+                    row0, row_end, word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE,
+                    W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                    EVEN: tl.constexpr):
+    """Rows row0..row_end-1 (all of width W) times all columns into y[perm[row]]: element (k, r) of
+    the [SPLIT, BLOCK_R] program walks tiles k, k + SPLIT, ... of row r; the program then sums over k."""
+    rows = row0 + tl.arange(0, BLOCK_R)[None, :]  # rows last: a thread's elements share a tile (and its x)
     row_ok = rows < row_end
-    rows = tl.where(row_ok, rows, row0)  # loads of a ragged block's spare lanes repeat row0: no masks needed
     local = rows - seg_row0
-    if W < 16:
-        s = tl.load(scale_ptr + rows).to(tl.float32)
-        z = -tl.load(zero_ptr + rows).to(tl.float32) * s
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    first = pid_k * TILES_PER_PROGRAM
-    for t in range(first, tl.minimum(first + TILES_PER_PROGRAM, K // 64)):
-        if W < 16:
-            if GROUPED:  # group size a multiple of 64: one group per tile
-                g = (t * 64) // GROUP_SIZE
-                s = tl.load(scale_ptr + g * RQ + rows).to(tl.float32)
-                z = -tl.load(zero_ptr + g * RQ + rows).to(tl.float32) * s
-        m0 = tl.load(mask_ptr + (2 * t) * R + rows).to(tl.uint32, bitcast=True)
-        m1 = tl.load(mask_ptr + (2 * t + 1) * R + rows).to(tl.uint32, bitcast=True)
+    split = tl.arange(0, SPLIT)[:, None]
+    n_tiles = K // 64
+    acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
+    if W < 16:  # codes become floats by the exponent trick: bits 0x4B000000 | c are the float 2^23 + c
+        zz = 8388608.0 + tl.load(zero_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    for i in range(0, n_tiles, SPLIT):
+        t = i + split
+        ok = (t < n_tiles) | EVEN  # EVEN: SPLIT divides the tiles, no checks
+        t = tl.where(ok, t, 0)  # loads of a spare tile repeat tile 0; its x is read as 0
+        if W < 16 and GROUPED:  # group size a multiple of 64: one group per tile
+            g = (t * 64) // GROUP_SIZE
+            zz = 8388608.0 + tl.load(zero_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32)
+        m0 = tl.load(mask_ptr + (2 * t) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+        m1 = tl.load(mask_ptr + (2 * t + 1) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
         words = codes_ptr + word_base + t * W * seg_rows + local
         xs = x_ptr + t * 64
-        for g in tl.static_range(16):
-            if g < 8:
-                n = (m0 >> (4 * g)) & 15
+        part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)  # sum of (code - zero) * x over the tile
+        for g4 in tl.static_range(16):
+            if g4 < 8:
+                n = (m0 >> (4 * g4)) & 15
             else:
-                n = (m1 >> (4 * (g - 8))) & 15
-            x0 = tl.load(xs + 4 * g).to(tl.float32)
-            x1 = tl.load(xs + 4 * g + 1).to(tl.float32)
-            x2 = tl.load(xs + 4 * g + 2).to(tl.float32)
-            x3 = tl.load(xs + 4 * g + 3).to(tl.float32)
+                n = (m1 >> (4 * (g4 - 8))) & 15
+            x0 = tl.load(xs + 4 * g4, mask=ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xs + 4 * g4 + 1, mask=ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xs + 4 * g4 + 2, mask=ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xs + 4 * g4 + 3, mask=ok, other=0.0).to(tl.float32)
             x_lo = tl.where((n & 1) != 0, x0, tl.where((n & 2) != 0, x1, x2))  # the lower kept column
             x_hi = tl.where((n & 8) != 0, x3, tl.where((n & 4) != 0, x2, x1))  # the upper one
-            lo = _tile_code(words, seg_rows, 2 * g, W)
-            hi = _tile_code(words, seg_rows, 2 * g + 1, W)
+            lo = _tile_code(words, seg_rows, 2 * g4, W, row_ok)
+            hi = _tile_code(words, seg_rows, 2 * g4 + 1, W, row_ok)
             if W == 16:
-                w_lo = lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                w_hi = hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                part += lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_lo
+                part += hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_hi
             else:
-                w_lo = lo.to(tl.float32) * s + z
-                w_hi = hi.to(tl.float32) * s + z
-            acc += w_lo * x_lo + w_hi * x_hi
-    perm = tl.load(perm_ptr + rows)
-    tl.atomic_add(y_ptr + perm, acc, mask=row_ok)
+                part += ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_lo
+                part += ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_hi
+        if W < 16 and GROUPED:
+            acc += tl.load(scale_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32) * part
+        else:
+            acc += part
+    y = tl.sum(acc, axis=0)
+    rows = row0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < row_end
+    if W < 16 and not GROUPED:  # one scale per row: applied once
+        y *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tl.load(perm_ptr + rows, mask=row_ok, other=0), y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _two_four_kernel(x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, perm_ptr, scale_ptr, zero_ptr,
-                     R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
-                     PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One program: the row block table[pid 0] (one width) x TILES_PER_PROGRAM tiles from pid 1's."""
-    pid_r, pid_k = tl.program_id(0), tl.program_id(1)
-    entry = table_ptr + pid_r * 6
+                     R, RQ, K, GROUP_SIZE,
+                     PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """One program: the row block table[pid] (one width) over all columns, summed in the program (no
+    atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
+    entry = table_ptr + tl.program_id(0) * 6
     row0, row_end, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
     word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
                 _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                                word_base, seg_row0, seg_rows, pid_k, R, RQ, K, GROUP_SIZE, TILES_PER_PROGRAM,
-                                w, GROUPED, BLOCK_R)
+                                word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN)
 
 
-TWO_FOUR_BLOCK_R = 128  # rows per program
-TWO_FOUR_WARPS = 4  # one row per thread at 128 rows
-TWO_FOUR_TILES = 4  # tiles per program: 4096 x 4096 -> 32 row blocks x 16 = 512 programs
+TWO_FOUR_ELEMENTS = 2048  # (row, tile column) pairs per program (tuned on an H100 at 4096 x 4096)
+TWO_FOUR_WARPS = 16
+TWO_FOUR_SPLIT = 64  # at most this many tile columns per row walked side by side
+
+
+def two_four_shape(cols: int) -> tuple[int, int]:
+    """(rows per program, tiles walked side by side) for a layer of ``cols`` columns."""
+    split = min(triton.next_power_of_2(cols // TILE), TWO_FOUR_SPLIT)
+    return max(TWO_FOUR_ELEMENTS // split, 1), split
 
 
 def two_four_meta(module) -> dict | None:
     """The batch-1 2:4 arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
     columns or groups are not whole 64-column tiles). Per width segment, codes as int32
     [tiles, W, segment rows] (tile t's 32 codes of a row in W words); mask words [cols / 32, rows];
-    scale/zero [groups, quantized rows]: every load is one word per thread of consecutive rows."""
+    scale/zero [groups, quantized rows]: loads of consecutive rows read consecutive words."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     if "mask" not in packed.tensors or cols % TILE or (group_size != cols and group_size % TILE):
@@ -270,11 +288,12 @@ def two_four_meta(module) -> dict | None:
     values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols // 2).flatten())
     values = values.view(rows, cols // 2)
     tiles = cols // TILE
+    block_r, _ = two_four_shape(cols)
     parts, table, base, seg_row = [], [], 0, 0
     for width, n in packed.widths.items():
         seg = pack_bits(values[seg_row:seg_row + n].flatten(), torch.full((n * cols // 2,), width, device=device))
         parts.append(seg.view(n, tiles, width).permute(1, 2, 0).flatten())
-        table += [[r, seg_row + n, width, base, seg_row, n] for r in range(seg_row, seg_row + n, TWO_FOUR_BLOCK_R)]
+        table += [[r, seg_row + n, width, base, seg_row, n] for r in range(seg_row, seg_row + n, block_r)]
         base += seg.numel()
         seg_row += n
     assert base < INT32_MAX and rows * cols // 32 < INT32_MAX, "offsets need int32"
@@ -284,19 +303,18 @@ def two_four_meta(module) -> dict | None:
     zero = packed.tensors["zero"].T.contiguous() if quantized else torch.zeros(1, 1, dtype=torch.float16, device=device)
     return {"codes": torch.cat(parts), "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
             "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale, "zero": zero,
-            "quantized_rows": max(quantized, 1), "present": sum(1 << w for w in packed.widths),
-            "block_r": TWO_FOUR_BLOCK_R}
+            "quantized_rows": max(quantized, 1), "present": sum(1 << w for w in packed.widths)}
 
 
 def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
-    """x [1, cols] fp16 -> x W^T [1, rows] fp32 through the 2:4 kernel."""
-    y = torch.zeros(1, rows, dtype=torch.float32, device=x.device)
-    tiles = cols // TILE
-    grid = (meta["table"].shape[0], -(-tiles // TWO_FOUR_TILES))
-    _two_four_kernel[grid](
+    """x [1, cols] fp16 -> x W^T [1, rows] in x's dtype through the 2:4 kernel (one launch)."""
+    y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
+    block_r, split = two_four_shape(cols)
+    _two_four_kernel[(meta["table"].shape[0],)](
         x, y, meta["codes"], meta["mask"], meta["table"], meta["perm"], meta["scale"], meta["zero"],
-        rows, meta["quantized_rows"], cols, group_size, TWO_FOUR_TILES,
-        PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=meta["block_r"], num_warps=TWO_FOUR_WARPS,
+        rows, meta["quantized_rows"], cols, group_size,
+        PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
+        EVEN=(cols // TILE) % split == 0, num_warps=TWO_FOUR_WARPS,
     )
     return y
 
@@ -392,7 +410,7 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
             module.two_four_meta = two_four_meta(module) or {}
         if module.two_four_meta:
             y = _two_four_matvec(flat, module.two_four_meta, rows, cols, header["group_size"])
-            return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+            return y.to(x.dtype).reshape(*x.shape[:-1], rows)  # y is fp16 like flat: a no-op for fp16 x
     if module.kernel_meta is None:
         module.kernel_meta = kernel_meta(module)
     meta = module.kernel_meta
