@@ -1,5 +1,5 @@
-"""Compile the packed kernel for an H100 (sm_90a) without a GPU and count SASS instructions per weight
-in each width's main loop: a proxy for its cost at batch 1, where issue rate, not DRAM, limits it.
+"""Compile the packed kernels for an H100 (sm_90a) without a GPU and count SASS instructions per weight
+in each width's main loop: a proxy for their cost at batch 1 (the general kernel, then the 2:4 one).
 
     PYTHONPATH=src python benchmarks/kernel_sass.py
 """
@@ -23,21 +23,44 @@ TYPES = ["*fp16", "*fp32"] + ["*i32"] * 5 + ["*fp16", "*fp16"] + ["i32"] * 7
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:
-    const = dict(PRESENT=1 << width, HAS_MASK=sparse, GROUPED=False, GROUP_TILE=True, CHUNK=kernels.CHUNK,
-                 EVEN_K=True, BLOCK_R=kernels.BLOCK_R, BLOCK_B=batch_block, USE_DOT=batch_block > 1, USE_ASM=True)
-    signature = {**dict(zip(NAMES, TYPES)), **{name: "constexpr" for name in const}}
-    compiled = triton.compile(ASTSource(fn=kernels._packed_matmul_kernel, signature=signature, constexprs=const),
+def _sass(fn, signature: dict, const: dict, num_warps: int) -> list[tuple[int, str]]:
+    """(address, instruction) of ``fn`` compiled for sm_90 with these constexprs."""
+    compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in const}},
+                                        constexprs=const),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    ins = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    return [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+
+
+def _loop(ins: list[tuple[int, str]]) -> int:
+    """Instructions in the longest backward-branch loop."""
     back = [(int(m.group(1), 16), a) for a, text in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", text))
-            and int(m.group(1), 16) < a]  # the one backward branch closes the column loop
-    start, end = back[0]
-    body = sum(start <= a <= end for a, _ in ins)
+            and int(m.group(1), 16) < a]
+    start, end = max(back, key=lambda b: b[1] - b[0])
+    return sum(start <= a <= end for a, _ in ins)
+
+
+def two_four_instructions(width: int, cols: int = 4096) -> dict:
+    """The 2:4 kernel's tile loop at the shape ``two_four_shape`` picks for ``cols`` columns."""
+    block_r, split = kernels.two_four_shape(cols)
+    names = ["x_ptr", "y_ptr", "codes_ptr", "mask_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zero_ptr",
+             "R", "RQ", "K", "GROUP_SIZE"]
+    types = ["*fp16", "*fp16"] + ["*i32"] * 4 + ["*fp16", "*fp16"] + ["i32"] * 4
+    const = dict(PRESENT=1 << width, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True)
+    body = _loop(_sass(kernels._two_four_kernel, dict(zip(names, types)), const, kernels.TWO_FOUR_WARPS))
+    elements_per_thread = block_r * split / (32 * kernels.TWO_FOUR_WARPS)
+    return {"kernel": "2:4", "width": width, "loop_instructions": body,
+            "per_weight": round(body / (64 * elements_per_thread), 1)}
+
+
+def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:
+    """The general kernel's column loop (one 32-column tile per pass)."""
+    const = dict(PRESENT=1 << width, HAS_MASK=sparse, GROUPED=False, GROUP_TILE=True, CHUNK=kernels.CHUNK,
+                 EVEN_K=True, BLOCK_R=kernels.BLOCK_R, BLOCK_B=batch_block, USE_DOT=batch_block > 1, USE_ASM=True)
+    body = _loop(_sass(kernels._packed_matmul_kernel, dict(zip(NAMES, TYPES)), const, num_warps))
     weights_per_thread = kernels.BLOCK_R * 32 / (32 * num_warps)
     return {"width": width, "sparse": sparse, "batch_block": batch_block, "loop_instructions": body,
             "per_weight": round(body / weights_per_thread, 1)}
@@ -48,3 +71,5 @@ if __name__ == "__main__":
         for sparse in (True, False):
             for batch_block in (1, 16):
                 print(json.dumps(loop_instructions(width, sparse, batch_block)))
+    for width in kernels.WIDTHS:
+        print(json.dumps(two_four_instructions(width)))
