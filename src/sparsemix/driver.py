@@ -38,7 +38,7 @@ def warm_up_device(config: CompressionConfig, device: torch.device | str) -> flo
     """Start what a compression on ``device`` will use (CUDA context, cuBLAS and cuSOLVER handles,
     Triton's JIT and this config's kernels) by compressing two small random linears -> seconds.
 
-    A process's first compression otherwise pays for it (about 1.5 s on an H100, most of it Triton
+    A process's first compression otherwise pays for it (about 1–1.5 s on an H100 or H200, most of it Triton
     hashing its own library and loading its launcher); ``pipeline.prepare`` runs this in a thread
     while the model loads. A private generator: the caller's random stream is left alone.
     """

@@ -153,16 +153,21 @@ def prepare(run: RunConfig, calibrate: bool = True) -> Prepared:
     warm_up = None
     if calibrate and run.compression is not None and torch.device(run.resolved_device).type == "cuda":
         warm_up = DeviceWarmUp(run.compression, run.resolved_device)
-    t = time.perf_counter()
-    model, tokenizer = load_model(run.model, DTYPES[run.dtype])
-    timings = {"load_seconds": time.perf_counter() - t}
-    run = with_model_seqlen(run, model)
-    t = time.perf_counter()
-    calibration = None
-    if calibrate:
-        calibration = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
-    evaluation = {corpus: eval_windows(corpus, tokenizer, run.seqlen, run.data_dir) for corpus in run.eval}
-    timings["data_seconds"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        model, tokenizer = load_model(run.model, DTYPES[run.dtype])
+        timings = {"load_seconds": time.perf_counter() - t}
+        run = with_model_seqlen(run, model)
+        t = time.perf_counter()
+        calibration = None
+        if calibrate:
+            calibration = calibration_windows(run.calib, tokenizer, run.nsamples, run.seqlen, run.seed, run.data_dir)
+        evaluation = {corpus: eval_windows(corpus, tokenizer, run.seqlen, run.data_dir) for corpus in run.eval}
+        timings["data_seconds"] = time.perf_counter() - t
+    except BaseException:
+        if warm_up is not None:  # a CUDA call cut off at interpreter exit can abort noisily: let it finish
+            warm_up.join()
+        raise
     return Prepared(run, model, tokenizer, calibration, evaluation, timings, warm_up)
 
 
