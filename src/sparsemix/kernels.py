@@ -173,62 +173,58 @@ TILE = 64  # columns per tile: 32 kept codes of W bits fill W whole words
 
 
 @triton.jit
-def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr, inside):
+def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr, row_ok):
     """Code k (0..31) of the tile whose W words start at ``words`` (one word per row, words
     ``rows_stride`` apart), as uint32; 3- and 6-bit codes may straddle two words."""
     first: tl.constexpr = (k * W) // 32
     shift: tl.constexpr = (k * W) % 32
-    code = tl.load(words + first * rows_stride, mask=inside, other=0).to(tl.uint32, bitcast=True) >> shift
+    code = tl.load(words + first * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True) >> shift
     if shift + W > 32:
-        code = code | (tl.load(words + (first + 1) * rows_stride, mask=inside, other=0).to(tl.uint32, bitcast=True)
+        code = code | (tl.load(words + (first + 1) * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
                        << (32 - shift))
     return code & ((1 << W) - 1)
 
 
 @triton.jit
 def _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr,
-                    row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE,
+                    row0, row_end, word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE,
                     W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
                     EVEN: tl.constexpr):
-    """Padded rows row0.. (``count`` real, all of width W) times all columns into y[perm[row]]: element
-    (k, r) of the [SPLIT, BLOCK_R] program walks tiles k, k + SPLIT, ... of row r, then the program
-    sums over k. Row offsets are multiples of 16, so a thread can load 4 consecutive rows at once
-    and its 4 rows share each x it loads."""
-    rows = tl.multiple_of(row0, 16) + tl.arange(0, BLOCK_R)[None, :]
-    local = rows - tl.multiple_of(seg_row0, 16)
-    seg_rows = tl.multiple_of(seg_rows, 16)
-    inside = local < seg_rows  # the segment's last block may reach past it: whole 16-row runs masked
+    """Rows row0..row_end-1 (all of width W) times all columns into y[perm[row]]: element (k, r) of
+    the [SPLIT, BLOCK_R] program walks tiles k, k + SPLIT, ... of row r; the program then sums over k."""
+    rows = row0 + tl.arange(0, BLOCK_R)[None, :]  # rows last: a thread's elements share a tile (and its x)
+    row_ok = rows < row_end
+    local = rows - seg_row0
     split = tl.arange(0, SPLIT)[:, None]
     n_tiles = K // 64
     acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
     if W < 16:  # codes become floats by the exponent trick: bits 0x4B000000 | c are the float 2^23 + c
-        zz = 8388608.0 + tl.load(zero_ptr + rows, mask=inside, other=0.0).to(tl.float32)
+        zz = 8388608.0 + tl.load(zero_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     for i in range(0, n_tiles, SPLIT):
         t = i + split
-        if not EVEN:  # a spare tile repeats tile 0 (its x reads as 0)
-            t = tl.where(t < n_tiles, t, 0)
+        ok = (t < n_tiles) | EVEN  # EVEN: SPLIT divides the tiles, no checks
+        t = tl.where(ok, t, 0)  # loads of a spare tile repeat tile 0; its x is read as 0
         if W < 16 and GROUPED:  # group size a multiple of 64: one group per tile
             g = (t * 64) // GROUP_SIZE
-            zz = 8388608.0 + tl.load(zero_ptr + g * P + rows, mask=inside, other=0.0).to(tl.float32)
-        m0 = tl.load(mask_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-        m1 = tl.load(mask_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-        words = codes_ptr + tl.multiple_of(word_base, 16) + t * W * seg_rows + local
+            zz = 8388608.0 + tl.load(zero_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32)
+        m0 = tl.load(mask_ptr + (2 * t) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+        m1 = tl.load(mask_ptr + (2 * t + 1) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+        words = codes_ptr + word_base + t * W * seg_rows + local
         xs = x_ptr + t * 64
-        x_ok = (i + split < n_tiles) | EVEN
         part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)  # sum of (code - zero) * x over the tile
         for g4 in tl.static_range(16):
             if g4 < 8:
                 n = (m0 >> (4 * g4)) & 15
             else:
                 n = (m1 >> (4 * (g4 - 8))) & 15
-            x0 = tl.load(xs + 4 * g4, mask=x_ok, other=0.0).to(tl.float32)
-            x1 = tl.load(xs + 4 * g4 + 1, mask=x_ok, other=0.0).to(tl.float32)
-            x2 = tl.load(xs + 4 * g4 + 2, mask=x_ok, other=0.0).to(tl.float32)
-            x3 = tl.load(xs + 4 * g4 + 3, mask=x_ok, other=0.0).to(tl.float32)
+            x0 = tl.load(xs + 4 * g4, mask=ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xs + 4 * g4 + 1, mask=ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xs + 4 * g4 + 2, mask=ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xs + 4 * g4 + 3, mask=ok, other=0.0).to(tl.float32)
             x_lo = tl.where((n & 1) != 0, x0, tl.where((n & 2) != 0, x1, x2))  # the lower kept column
             x_hi = tl.where((n & 8) != 0, x3, tl.where((n & 4) != 0, x2, x1))  # the upper one
-            lo = _tile_code(words, seg_rows, 2 * g4, W, inside)
-            hi = _tile_code(words, seg_rows, 2 * g4 + 1, W, inside)
+            lo = _tile_code(words, seg_rows, 2 * g4, W, row_ok)
+            hi = _tile_code(words, seg_rows, 2 * g4 + 1, W, row_ok)
             if W == 16:
                 part += lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_lo
                 part += hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_hi
@@ -236,34 +232,32 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero
                 part += ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_lo
                 part += ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_hi
         if W < 16 and GROUPED:
-            acc += tl.load(scale_ptr + g * P + rows, mask=inside, other=0.0).to(tl.float32) * part
+            acc += tl.load(scale_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32) * part
         else:
             acc += part
     y = tl.sum(acc, axis=0)
     rows = row0 + tl.arange(0, BLOCK_R)
-    real = tl.arange(0, BLOCK_R) < count
+    row_ok = rows < row_end
     if W < 16 and not GROUPED:  # one scale per row: applied once
-        y *= tl.load(scale_ptr + rows, mask=real, other=0.0).to(tl.float32)
-    tl.store(y_ptr + tl.load(perm_ptr + rows, mask=real, other=0), y.to(y_ptr.dtype.element_ty), mask=real)
+        y *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tl.load(perm_ptr + rows, mask=row_ok, other=0), y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _two_four_kernel(x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, perm_ptr, scale_ptr, zero_ptr,
-                     P, K, GROUP_SIZE,
+                     R, RQ, K, GROUP_SIZE,
                      PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
                      EVEN: tl.constexpr):
     """One program: the row block table[pid] (one width) over all columns, summed in the program (no
     atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
     entry = table_ptr + tl.program_id(0) * 6
-    row0, count, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    row0, row_end, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
     word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
-    row0, word_base = tl.multiple_of(row0, 16), tl.multiple_of(word_base, 16)
-    seg_row0, seg_rows = tl.multiple_of(seg_row0, 16), tl.multiple_of(seg_rows, 16)
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
-                _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr, row0, count,
-                                word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN)
+                _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
+                                word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN)
 
 
 TWO_FOUR_ELEMENTS = 2048  # (row, tile column) pairs per program (tuned on an H100 at 4096 x 4096)
@@ -272,19 +266,16 @@ TWO_FOUR_SPLIT = 64  # at most this many tile columns per row walked side by sid
 
 
 def two_four_shape(cols: int) -> tuple[int, int]:
-    """(rows per program, a multiple of 16; tiles walked side by side) for a layer of ``cols`` columns."""
+    """(rows per program, tiles walked side by side) for a layer of ``cols`` columns."""
     split = min(triton.next_power_of_2(cols // TILE), TWO_FOUR_SPLIT)
-    return max(TWO_FOUR_ELEMENTS // split, 16), split
+    return max(TWO_FOUR_ELEMENTS // split, 1), split
 
 
 def two_four_meta(module) -> dict | None:
     """The batch-1 2:4 arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
-    columns or groups are not whole 64-column tiles).
-
-    Rows are in packed order with each width segment padded to a multiple of 16 rows (padding rows
-    have no kept weights). Per segment, codes are int32 [tiles, W, padded rows] (tile t's 32 codes
-    of a row in W words); mask words [cols / 32, P], scale/zero [groups, P] and perm [P] over all P
-    padded rows: loads of consecutive rows read consecutive, 16-byte aligned words."""
+    columns or groups are not whole 64-column tiles). Per width segment, codes as int32
+    [tiles, W, segment rows] (tile t's 32 codes of a row in W words); mask words [cols / 32, rows];
+    scale/zero [groups, quantized rows]: loads of consecutive rows read consecutive words."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     if "mask" not in packed.tensors or cols % TILE or (group_size != cols and group_size % TILE):
@@ -298,35 +289,21 @@ def two_four_meta(module) -> dict | None:
     values = values.view(rows, cols // 2)
     tiles = cols // TILE
     block_r, _ = two_four_shape(cols)
-    padded = [-(-n // 16) * 16 for n in packed.widths.values()]  # 16-row runs: aligned vector loads
-    total = sum(padded)
-    words = module.mask.contiguous().view(torch.int32)  # [rows, cols / 32]: cols % 64 == 0
-    mask = torch.zeros(cols // 32, total, dtype=torch.int32, device=device)
-    groups = -(-cols // group_size)
-    scale = torch.ones(groups, total, dtype=torch.float16, device=device)
-    zero = torch.zeros(groups, total, dtype=torch.float16, device=device)
-    perm = torch.zeros(total, dtype=torch.int32, device=device)
-    parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
-    for (width, n), n_pad in zip(packed.widths.items(), padded):
-        real = slice(pad_row, pad_row + n)
+    parts, table, base, seg_row = [], [], 0, 0
+    for width, n in packed.widths.items():
         seg = pack_bits(values[seg_row:seg_row + n].flatten(), torch.full((n * cols // 2,), width, device=device))
-        codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
-        codes[:, :, :n] = seg.view(n, tiles, width).permute(1, 2, 0)
-        parts.append(codes.flatten())
-        mask[:, real] = words[seg_row:seg_row + n].T
-        perm[real] = packed.perm[seg_row:seg_row + n].to(device=device, dtype=torch.int32)
-        if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
-            scale[:, real] = packed.tensors["scale"][seg_row:seg_row + n].T
-            zero[:, real] = packed.tensors["zero"][seg_row:seg_row + n].T
-        table += [[r, min(block_r, pad_row + n - r), width, base, pad_row, n_pad]
-                  for r in range(pad_row, pad_row + n, block_r)]
-        base += codes.numel()
+        parts.append(seg.view(n, tiles, width).permute(1, 2, 0).flatten())
+        table += [[r, seg_row + n, width, base, seg_row, n] for r in range(seg_row, seg_row + n, block_r)]
+        base += seg.numel()
         seg_row += n
-        pad_row += n_pad
-    assert base < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
+    assert base < INT32_MAX and rows * cols // 32 < INT32_MAX, "offsets need int32"
+    mask = module.mask.contiguous().view(torch.int32).T.contiguous()  # cols % 64 == 0: rows of whole words
+    quantized = int((widths < 16).sum())
+    scale = packed.tensors["scale"].T.contiguous() if quantized else torch.ones(1, 1, dtype=torch.float16, device=device)
+    zero = packed.tensors["zero"].T.contiguous() if quantized else torch.zeros(1, 1, dtype=torch.float16, device=device)
     return {"codes": torch.cat(parts), "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
-            "perm": perm, "scale": scale, "zero": zero, "padded_rows": total,
-            "present": sum(1 << w for w in packed.widths)}
+            "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale, "zero": zero,
+            "quantized_rows": max(quantized, 1), "present": sum(1 << w for w in packed.widths)}
 
 
 def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
@@ -335,7 +312,7 @@ def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_si
     block_r, split = two_four_shape(cols)
     _two_four_kernel[(meta["table"].shape[0],)](
         x, y, meta["codes"], meta["mask"], meta["table"], meta["perm"], meta["scale"], meta["zero"],
-        meta["padded_rows"], cols, group_size,
+        rows, meta["quantized_rows"], cols, group_size,
         PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
         EVEN=(cols // TILE) % split == 0, num_warps=TWO_FOUR_WARPS,
     )
