@@ -40,27 +40,27 @@ def test_kernel_matches_dequantise_then_matmul():
     check("cuda" if torch.cuda.is_available() else "cpu")
 
 
-TWO_FOUR_CASES = [  # rows, cols, widths, group size: every 4 columns keep 2
-    (300, 256, (2, 3, 4, 6, 8, 16), 256),  # all widths, segments over several 128-row blocks
-    (40, 320, (3, 6), 64),  # a group per tile; 5 tiles: a ragged last program
-    (7, 128, (16,), 128),  # unquantised rows only
+TWO_FOUR_CASES = [  # rows, cols, widths, group size, batch: every 4 columns keep 2
+    (300, 256, (2, 3, 4, 6, 8, 16), 256, 1),  # all widths, segments over several row blocks
+    (40, 320, (3, 6), 64, 3),  # a group per tile; 5 tiles: a ragged last split; one launch per token
+    (7, 128, (16,), 128, 1),  # unquantised rows only
 ]
 
 
-def test_two_four_rows_take_the_fixed_position_kernel_at_batch_1():
+def test_two_four_rows_take_the_fixed_position_kernel():
     pytest.importorskip("triton")
     from sparsemix.kernels import packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1)
-    for rows, cols, widths, group_size in TWO_FOUR_CASES:
+    for rows, cols, widths, group_size, batch in TWO_FOUR_CASES:
         bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
         packed = random_packed(bits, cols, 0.5, group_size, gen, two_four=True)
         module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
-        x = torch.randn(1, cols, generator=gen).half()
+        x = torch.randn(batch, cols, generator=gen).half()
         y = packed_matmul(x.to(device), module).float().cpu()
-        assert module.two_four_meta, "a 2:4 mask should select the 2:4 kernel"
+        assert module.two_four_meta and module.kernel_meta is None, "a 2:4 mask should take the 2:4 kernel only"
         reference = x.float() @ dequantise(packed).float().T
         assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (rows, cols, widths)
 

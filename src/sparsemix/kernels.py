@@ -398,23 +398,40 @@ def kernel_bytes(meta: dict, batch: int, rows: int, cols: int) -> int:
     return read + batch * cols * 2 + batch * rows * 4
 
 
+ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats the tl.dot path
+# (H100, 4096 x 4096, 4 bits, 50%: 42 µs per token against about 330 µs for a batch of 4)
+
+
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
-    """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed."""
+    """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
+
+    2:4 layers take the 2:4 kernel once per token (7 µs each at 4096 x 4096); other layers the
+    general kernel, per token up to ROW_BY_ROW tokens, else once for the whole batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
     batch = flat.shape[0]
     assert batch <= MAX_BATCH, f"the packed kernel takes at most {MAX_BATCH} tokens, got {batch}"
-    if batch == 1:
-        if module.two_four_meta is None:
-            module.two_four_meta = two_four_meta(module) or {}
-        if module.two_four_meta:
-            y = _two_four_matvec(flat, module.two_four_meta, rows, cols, header["group_size"])
-            return y.to(x.dtype).reshape(*x.shape[:-1], rows)  # y is fp16 like flat: a no-op for fp16 x
+    if module.two_four_meta is None:
+        module.two_four_meta = two_four_meta(module) or {}
+    if module.two_four_meta:
+        y = torch.cat([_two_four_matvec(token, module.two_four_meta, rows, cols, header["group_size"])
+                       for token in flat.split(1)])
+    elif batch <= ROW_BY_ROW:
+        y = torch.cat([_general_matmul(token, module) for token in flat.split(1)])
+    else:
+        y = _general_matmul(flat, module)
+    return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def _general_matmul(flat: torch.Tensor, module) -> torch.Tensor:
+    """flat [batch, cols] fp16 -> [batch, rows] fp32 through ``_packed_matmul_kernel``."""
     if module.kernel_meta is None:
         module.kernel_meta = kernel_meta(module)
-    meta = module.kernel_meta
-    y = torch.zeros(batch, rows, dtype=torch.float32, device=x.device)
+    meta, header = module.kernel_meta, module.header
+    rows, cols = header["rows"], header["cols"]
+    batch = flat.shape[0]
+    y = torch.zeros(batch, rows, dtype=torch.float32, device=flat.device)
     block_b = 1 if batch == 1 else (16 if batch >= DOT_BATCH else triton.next_power_of_2(batch))
     mask = meta["mask"] if meta["mask"] is not None else meta["codes"]  # any pointer: never read when dense
     group_size = header["group_size"]
@@ -426,4 +443,4 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
         GROUP_TILE=group_size % 32 == 0, CHUNK=meta["chunk"], EVEN_K=cols % meta["chunk"] == 0, BLOCK_R=BLOCK_R, BLOCK_B=block_b,
         USE_DOT=block_b >= DOT_BATCH, USE_ASM=not _interpreted(),
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+    return y
