@@ -163,11 +163,12 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
-# --- 2:4 rows at batch 1 ---------------------------------------------------------------------------
+# --- 2:4 layers, one token per launch -----------------------------------------------------------------
 # When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), the file's bitmask
 # is 2:4 metadata as it stands: a row's k-th kept code belongs to column group k // 2, and the
 # group's mask nibble says which 2 of its 4 columns. Code positions are then fixed, so a tile's codes
-# need no popcounts: one thread per row walks 64-column tiles, every shift known at compile time.
+# need no popcounts: each (tile column, row) element of a program walks 64-column tiles with every
+# shift known at compile time, and the program sums its rows over the tiles itself.
 
 TILE = 64  # columns per tile: 32 kept codes of W bits fill W whole words
 
@@ -272,8 +273,8 @@ def two_four_shape(cols: int) -> tuple[int, int]:
 
 
 def two_four_meta(module) -> dict | None:
-    """The batch-1 2:4 arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
-    columns or groups are not whole 64-column tiles). Per width segment, codes as int32
+    """The 2:4 kernel's arrangement of a PackedLinear (read once per token), or None when its mask
+    is not 2:4 (or the columns or groups are not whole 64-column tiles). Per width segment, codes as int32
     [tiles, W, segment rows] (tile t's 32 codes of a row in W words); mask words [cols / 32, rows];
     scale/zero [groups, quantized rows]: loads of consecutive rows read consecutive words."""
     packed = module.packed()
