@@ -135,6 +135,21 @@ def test_missing_train_file(tiny_data_dir, tiny_tokenizer, name, train_file):
     assert "\n" not in msg and str(tiny_data_dir / train_file) in msg and "--calib c4" in msg
 
 
+def test_missing_c4_calibration_file_does_not_suggest_c4(tiny_data_dir, tiny_tokenizer, tmp_path):
+    only_eval = tmp_path / "data"
+    only_eval.mkdir()
+    (only_eval / "wiki.test.raw").write_text((tiny_data_dir / "wiki.test.raw").read_text())
+    with pytest.raises(CorpusNotFoundError) as e:
+        calibration_windows("c4", tiny_tokenizer, 4, SEQLEN, data_dir=only_eval)
+    assert "c4_validation_2k.parquet" in str(e.value) and "--calib c4" not in str(e.value)
+
+
+def test_missing_data_dir_is_named(tiny_tokenizer, tmp_path):
+    with pytest.raises(CorpusNotFoundError) as e:
+        calibration_windows("c4", tiny_tokenizer, 4, SEQLEN, data_dir=tmp_path / "nowhere")
+    assert f"data dir {tmp_path / 'nowhere'} does not exist" in str(e.value) and "--data-dir" in str(e.value)
+
+
 # ----------------------------------------------------------------------------- data dir, errors
 
 def test_resolve_data_dir(monkeypatch, tmp_path):

@@ -71,12 +71,15 @@ def _read_docs(path: str, mtime_ns: int) -> tuple[str, ...]:
 
 
 def _local(d, name, split):
+    if not d.is_dir():
+        raise CorpusNotFoundError(f"data dir {d} does not exist; {HOW} to the folder holding the corpora")
     path = d / FILES[name][split]
     if not path.is_file():
         if split == "train":
+            instead = "" if name == "c4" else ", use --calib c4"  # c4's calibration split is the one kept
             raise CorpusNotFoundError(
                 f"{name} calibration needs {path}, which is missing (only test splits are kept "
-                f"offline); add {path.name} there, use --calib c4, or give no data dir "
+                f"offline); add {path.name} there{instead}, or give no data dir "
                 f"(neither --data-dir nor SPARSEMIX_DATA) to load the train split online")
         raise CorpusNotFoundError(
             f"{name}: {path} not found; {HOW} to a folder holding {path.name}, "
