@@ -23,10 +23,12 @@ TYPES = ["*fp16", "*fp32"] + ["*i32"] * 5 + ["*fp16", "*fp16"] + ["i32"] * 7
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def _sass(fn, signature: dict, const: dict, num_warps: int) -> list[tuple[int, str]]:
-    """(address, instruction) of ``fn`` compiled for sm_90 with these constexprs."""
+def _sass(fn, signature: dict, const: dict, num_warps: int, aligned: int = 0) -> list[tuple[int, str]]:
+    """(address, instruction) of ``fn`` compiled for sm_90 with these constexprs; the first ``aligned``
+    arguments marked 16-divisible, as a launch marks pointers and integers that are."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(aligned)}
     compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in const}},
-                                        constexprs=const),
+                                        constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -46,11 +48,11 @@ def _loop(ins: list[tuple[int, str]]) -> int:
 def two_four_instructions(width: int, cols: int = 4096) -> dict:
     """The 2:4 kernel's tile loop at the shape ``two_four_shape`` picks for ``cols`` columns."""
     block_r, split = kernels.two_four_shape(cols)
-    names = ["x_ptr", "y_ptr", "codes_ptr", "mask_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zero_ptr",
-             "R", "RQ", "K", "GROUP_SIZE"]
-    types = ["*fp16", "*fp16"] + ["*i32"] * 4 + ["*fp16", "*fp16"] + ["i32"] * 4
-    const = dict(PRESENT=1 << width, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True)
-    body = _loop(_sass(kernels._two_four_kernel, dict(zip(names, types)), const, kernels.TWO_FOUR_WARPS))
+    names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
+             "P", "K", "GROUP_SIZE"]
+    types = ["*i32", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
+    const = dict(PRESENT=1 << width, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True, USE_ASM=True)
+    body = _loop(_sass(kernels._two_four_kernel, dict(zip(names, types)), const, kernels.TWO_FOUR_WARPS, aligned=9))
     elements_per_thread = block_r * split / (32 * kernels.TWO_FOUR_WARPS)
     return {"kernel": "2:4", "width": width, "loop_instructions": body,
             "per_weight": round(body / (64 * elements_per_thread), 1)}

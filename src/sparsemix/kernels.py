@@ -164,147 +164,269 @@ def _packed_matmul_kernel(
 
 
 # --- 2:4 layers, one token per launch -----------------------------------------------------------------
-# When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), the file's bitmask
-# is 2:4 metadata as it stands: a row's k-th kept code belongs to column group k // 2, and the
-# group's mask nibble says which 2 of its 4 columns. Code positions are then fixed, so a tile's codes
-# need no popcounts: each (tile column, row) element of a program walks 64-column tiles with every
-# shift known at compile time, and the program sums its rows over the tiles itself.
+# When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), a row's k-th kept
+# code belongs to column group k // 2, so code positions are fixed and the kernel needs no popcounts.
+# ``two_four_meta`` rearranges such a layer (same bytes as the file, plus padding rows) so that the
+# hot loop is fp16x2 arithmetic on CUDA cores, about 9 SASS instructions per group of 4 columns:
+#
+# * each group's two kept codes sit at the same bits of the two halves of one 32-bit word (a tile's
+#   lower-column codes in the low halves, upper-column codes in the high halves), so one shift and one
+#   LOP3 give both as fp16 1024 + code (the exponent trick), and HSUB2/HMUL2 give the fp16 weights
+#   exactly as ``dequantise`` rounds them;
+# * each group's two column indices (2 bits each) become a PRMT byte selector by one IMAD, and one
+#   PRMT picks the two matching x values out of the group's 4 (two 32-bit words of x);
+# * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator.
+#
+# Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles k, k + SPLIT, ... of row r; rows
+# are padded to runs of 16 so a thread loads 4 rows with 128-bit loads and shares its x loads between
+# them; the program sums its rows over the tiles itself: one launch, no atomics.
 
-TILE = 64  # columns per tile: 32 kept codes of W bits fill W whole words
+TILE = 64  # columns per tile: 16 groups of 4
+FLUSH = tl.constexpr(4)  # groups accumulated in fp16 pairs before they are added into fp32
+PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
 
 @triton.jit
-def _tile_code(words, rows_stride, k: tl.constexpr, W: tl.constexpr, row_ok):
-    """Code k (0..31) of the tile whose W words start at ``words`` (one word per row, words
-    ``rows_stride`` apart), as uint32; 3- and 6-bit codes may straddle two words."""
-    first: tl.constexpr = (k * W) // 32
-    shift: tl.constexpr = (k * W) % 32
-    code = tl.load(words + first * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True) >> shift
-    if shift + W > 32:
-        code = code | (tl.load(words + (first + 1) * rows_stride, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-                       << (32 - shift))
-    return code & ((1 << W) - 1)
+def _halves(v):
+    """int32 holding an fp16 pair -> (low, high) as fp32 (the interpreter's fp16x2 arithmetic)."""
+    v = v.to(tl.uint32, bitcast=True)
+    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
-def _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr,
-                    row0, row_end, word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE,
+def _pair(lo, hi):
+    """Two fp32 values rounded to fp16 and packed into an int32 (low half first)."""
+    lo = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (lo | (hi << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _asm(index, xa, xb, v, zz, s, part, code: tl.constexpr):
+    return tl.inline_asm_elementwise(code, "=r,r,r,r,r,r,r,r", [index, xa, xb, v, zz, s, part],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _group_fma(index, xa, xb, v, zz, s, part, UPPER: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
+    """part + w * x for one group of 4 columns, fp16 pairs in int32: ``index`` has the group's lower
+    and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and 3 when UPPER); ``xa``, ``xb`` its
+    4 x values; ``v`` its 2 codes as fp16 1024 + code (QUANT) or its 2 fp16 weights; ``zz`` fp16
+    1024 + zero and ``s`` the scale, twice each. The selector byte of column c is 0x10 + 0x22 c: the
+    two bytes of x value c."""
+    if USE_ASM:
+        if QUANT and UPPER:
+            return _asm(index, xa, xb, v, zz, s, part,
+                        "{ .reg .b32 sel, xs, w; mad.hi.u32 sel, $1, 2228224, 4112; prmt.b32 xs, $2, $3, sel; "
+                        "sub.rn.f16x2 w, $4, $5; mul.rn.f16x2 w, w, $6; fma.rn.f16x2 $0, w, xs, $7; }")
+        elif QUANT:
+            return _asm(index, xa, xb, v, zz, s, part,
+                        "{ .reg .b32 sel, xs, w; mad.lo.u32 sel, $1, 34, 4112; prmt.b32 xs, $2, $3, sel; "
+                        "sub.rn.f16x2 w, $4, $5; mul.rn.f16x2 w, w, $6; fma.rn.f16x2 $0, w, xs, $7; }")
+        elif UPPER:
+            return _asm(index, xa, xb, v, zz, s, part,
+                        "{ .reg .b32 sel, xs; mad.hi.u32 sel, $1, 2228224, 4112; prmt.b32 xs, $2, $3, sel; "
+                        "fma.rn.f16x2 $0, $4, xs, $7; }")
+        else:
+            return _asm(index, xa, xb, v, zz, s, part,
+                        "{ .reg .b32 sel, xs; mad.lo.u32 sel, $1, 34, 4112; prmt.b32 xs, $2, $3, sel; "
+                        "fma.rn.f16x2 $0, $4, xs, $7; }")
+    else:  # the same arithmetic for Triton's CPU interpreter
+        index = index.to(tl.uint32, bitcast=True)
+        if UPPER:
+            index = index >> 16
+        sel = index * 34 + 4112
+        words = tl.zeros_like(sel)
+        for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
+            n = (sel >> (4 * i)) & 7
+            source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
+            words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
+        x_lo, x_hi = _halves(words)
+        w_lo, w_hi = _halves(v)
+        if QUANT:
+            z_lo, z_hi = _halves(zz)
+            s_lo, s_hi = _halves(s)
+            w_lo = ((w_lo - z_lo) * s_lo).to(tl.float16).to(tl.float32)
+            w_hi = ((w_hi - z_hi) * s_hi).to(tl.float16).to(tl.float32)
+        p_lo, p_hi = _halves(part)
+        return _pair(w_lo * x_lo + p_lo, w_hi * x_hi + p_hi)
+
+
+@triton.jit
+def _flush(acc, part, USE_ASM: tl.constexpr):
+    """acc (fp32) + both halves of the fp16 pair ``part``."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $2; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
+            "add.f32 a, a, b; add.f32 $0, $1, a; }", "=f,f,r", [acc, part], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo, hi = _halves(part)
+        return acc + (lo + hi)
+
+
+@triton.jit
+def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
+    """Group g's two codes (W < 16) as fp16 pair 1024 + code, from the word holding the end of its
+    W bits (``cur``) and the word before (``prev``, read only when the codes straddle the two)."""
+    start: tl.constexpr = g * W
+    shift: tl.constexpr = start % 16
+    if shift + W <= 16:
+        v = (cur >> shift) & (((1 << W) - 1) * 0x10001)
+    else:  # bits shift..15 of each half of prev, then bits 0.. of each half of cur
+        low: tl.constexpr = (1 << (16 - shift)) - 1
+        v = ((prev >> shift) & (low * 0x10001)) | ((cur << (16 - shift)) & ((((1 << W) - 1) ^ low) * 0x10001))
+    return v | 0x64006400
+
+
+@triton.jit
+def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
+                    row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE,
                     W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-                    EVEN: tl.constexpr):
-    """Rows row0..row_end-1 (all of width W) times all columns into y[perm[row]]: element (k, r) of
-    the [SPLIT, BLOCK_R] program walks tiles k, k + SPLIT, ... of row r; the program then sums over k."""
-    rows = row0 + tl.arange(0, BLOCK_R)[None, :]  # rows last: a thread's elements share a tile (and its x)
-    row_ok = rows < row_end
+                    EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+    """Padded rows row0.. (``count`` real, all of width W) times all columns into y[perm[row]]."""
+    QUANT: tl.constexpr = W < 16
+    rows = row0 + tl.arange(0, BLOCK_R)[None, :]
     local = rows - seg_row0
+    inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     split = tl.arange(0, SPLIT)[:, None]
-    n_tiles = K // 64
+    n_tiles = K // 64  # TILE
     acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
-    if W < 16:  # codes become floats by the exponent trick: bits 0x4B000000 | c are the float 2^23 + c
-        zz = 8388608.0 + tl.load(zero_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    zz = tl.load(zz_ptr + rows, mask=inside, other=0)
+    s = tl.load(scale_ptr + rows, mask=inside, other=0)
     for i in range(0, n_tiles, SPLIT):
         t = i + split
-        ok = (t < n_tiles) | EVEN  # EVEN: SPLIT divides the tiles, no checks
-        t = tl.where(ok, t, 0)  # loads of a spare tile repeat tile 0; its x is read as 0
-        if W < 16 and GROUPED:  # group size a multiple of 64: one group per tile
+        x_ok = (t < n_tiles) | EVEN
+        if not EVEN:  # a spare tile repeats tile 0 with x read as 0
+            t = tl.where(x_ok, t, 0)
+        if QUANT and GROUPED:  # group size a multiple of 64: one group per tile
             g = (t * 64) // GROUP_SIZE
-            zz = 8388608.0 + tl.load(zero_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32)
-        m0 = tl.load(mask_ptr + (2 * t) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-        m1 = tl.load(mask_ptr + (2 * t + 1) * R + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+            zz = tl.load(zz_ptr + g * P + rows, mask=inside, other=0)
+            s = tl.load(scale_ptr + g * P + rows, mask=inside, other=0)
+        m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+        m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         words = codes_ptr + word_base + t * W * seg_rows + local
-        xs = x_ptr + t * 64
-        part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)  # sum of (code - zero) * x over the tile
-        for g4 in tl.static_range(16):
-            if g4 < 8:
-                n = (m0 >> (4 * g4)) & 15
-            else:
-                n = (m1 >> (4 * (g4 - 8))) & 15
-            x0 = tl.load(xs + 4 * g4, mask=ok, other=0.0).to(tl.float32)
-            x1 = tl.load(xs + 4 * g4 + 1, mask=ok, other=0.0).to(tl.float32)
-            x2 = tl.load(xs + 4 * g4 + 2, mask=ok, other=0.0).to(tl.float32)
-            x3 = tl.load(xs + 4 * g4 + 3, mask=ok, other=0.0).to(tl.float32)
-            x_lo = tl.where((n & 1) != 0, x0, tl.where((n & 2) != 0, x1, x2))  # the lower kept column
-            x_hi = tl.where((n & 8) != 0, x3, tl.where((n & 4) != 0, x2, x1))  # the upper one
-            lo = _tile_code(words, seg_rows, 2 * g4, W, row_ok)
-            hi = _tile_code(words, seg_rows, 2 * g4 + 1, W, row_ok)
-            if W == 16:
-                part += lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_lo
-                part += hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * x_hi
-            else:
-                part += ((lo | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_lo
-                part += ((hi | 0x4B000000).to(tl.float32, bitcast=True) - zz) * x_hi
-        if W < 16 and GROUPED:
-            acc += tl.load(scale_ptr + g * RQ + rows, mask=row_ok, other=0.0).to(tl.float32) * part
-        else:
-            acc += part
+        xs = x_ptr + t * 32  # x as fp16 pairs
+        part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
+        cur = tl.zeros([SPLIT, BLOCK_R], dtype=tl.uint32)
+        for h in tl.static_range(W):  # word h of the tile: groups whose codes end in it
+            prev = cur
+            cur = tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+            for grp in tl.static_range(16):
+                if (grp * W + W - 1) // 16 == h:
+                    if grp < 8:
+                        index = (m0 >> (2 * (grp % 4))) & 0x03030303
+                    else:
+                        index = (m1 >> (2 * (grp % 4))) & 0x03030303
+                    if QUANT:
+                        v = _codes(prev, cur, grp, W)
+                    else:
+                        v = cur
+                    xa = tl.load(xs + 2 * grp, mask=x_ok, other=0)
+                    xb = tl.load(xs + 2 * grp + 1, mask=x_ok, other=0)
+                    part = _group_fma(index, xa, xb, v, zz, s, part, (grp % 8) >= 4, QUANT, USE_ASM)
+                    if grp % FLUSH == FLUSH - 1:
+                        acc = _flush(acc, part, USE_ASM)
+                        part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
     y = tl.sum(acc, axis=0)
     rows = row0 + tl.arange(0, BLOCK_R)
-    row_ok = rows < row_end
-    if W < 16 and not GROUPED:  # one scale per row: applied once
-        y *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + tl.load(perm_ptr + rows, mask=row_ok, other=0), y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    real = tl.arange(0, BLOCK_R) < count
+    tl.store(y_ptr + tl.load(perm_ptr + rows, mask=real, other=0), y.to(y_ptr.dtype.element_ty), mask=real)
 
 
 @triton.jit
-def _two_four_kernel(x_ptr, y_ptr, codes_ptr, mask_ptr, table_ptr, perm_ptr, scale_ptr, zero_ptr,
-                     R, RQ, K, GROUP_SIZE,
+def _two_four_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale_ptr, zz_ptr, P, K, GROUP_SIZE,
                      PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-                     EVEN: tl.constexpr):
+                     EVEN: tl.constexpr, USE_ASM: tl.constexpr):
     """One program: the row block table[pid] (one width) over all columns, summed in the program (no
     atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
     entry = table_ptr + tl.program_id(0) * 6
-    row0, row_end, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    row0, count, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
     word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
+    row0, word_base = tl.multiple_of(row0, 16), tl.multiple_of(word_base, 16)  # PAD_ROWS
+    seg_row0, seg_rows = tl.multiple_of(seg_row0, 16), tl.multiple_of(seg_rows, 16)
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
-                _two_four_block(x_ptr, y_ptr, codes_ptr, mask_ptr, perm_ptr, scale_ptr, zero_ptr, row0, row_end,
-                                word_base, seg_row0, seg_rows, R, RQ, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN)
+                _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count,
+                                word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN,
+                                USE_ASM)
 
 
-TWO_FOUR_ELEMENTS = 2048  # (row, tile column) pairs per program (tuned on an H100 at 4096 x 4096)
+TWO_FOUR_ELEMENTS = 2048  # (row, tile column) pairs per program
 TWO_FOUR_WARPS = 16
 TWO_FOUR_SPLIT = 64  # at most this many tile columns per row walked side by side
 
 
 def two_four_shape(cols: int) -> tuple[int, int]:
-    """(rows per program, tiles walked side by side) for a layer of ``cols`` columns."""
+    """(rows per program, a multiple of PAD_ROWS; tiles walked side by side) for ``cols`` columns."""
     split = min(triton.next_power_of_2(cols // TILE), TWO_FOUR_SPLIT)
-    return max(TWO_FOUR_ELEMENTS // split, 1), split
+    return max(TWO_FOUR_ELEMENTS // split, PAD_ROWS), split
+
+
+def _half_pairs(values: torch.Tensor) -> torch.Tensor:
+    """fp16 [..., n] -> int32 [..., n]: each value twice, as an fp16 pair."""
+    return torch.stack([values, values], -1).view(torch.int32).squeeze(-1)
 
 
 def two_four_meta(module) -> dict | None:
-    """The 2:4 kernel's arrangement of a PackedLinear (read once per token), or None when its mask
-    is not 2:4 (or the columns or groups are not whole 64-column tiles). Per width segment, codes as int32
-    [tiles, W, segment rows] (tile t's 32 codes of a row in W words); mask words [cols / 32, rows];
-    scale/zero [groups, quantized rows]: loads of consecutive rows read consecutive words."""
+    """The 2:4 kernel's arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
+    columns or groups are not whole 64-column tiles).
+
+    Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
+    P padded rows in all. Per segment, codes int32 [tiles, W, padded rows]: word h of a tile holds
+    bits 16h.. of the stream of its 16 lower-column codes (W bits each) in its low half and of its
+    upper-column codes in its high half. ``index`` int32 [2 tiles, P]: word j of a tile has, for
+    groups 8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper
+    at bits 2k + 8 and 2k + 24 (the bitmask's size). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     if "mask" not in packed.tensors or cols % TILE or (group_size != cols and group_size % TILE):
         return None
-    kept = packed.kept()
-    if not bool((kept.view(rows, cols // 4, 4).sum(-1) == 2).all()):
+    kept = packed.kept().view(rows, cols // 4, 4)
+    if not bool((kept.sum(-1) == 2).all()):
         return None
     device = module.codes.device
     widths = packed.row_widths.to(device)
-    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols // 2).flatten())
-    values = values.view(rows, cols // 2)
+    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols // 2).flatten()).view(rows, -1)
+    lower = kept.int().argmax(-1)
+    upper = 3 - kept.flip(-1).int().argmax(-1)
+    k = torch.arange(8, device=device)
+    shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
+    index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
     tiles = cols // TILE
     block_r, _ = two_four_shape(cols)
-    parts, table, base, seg_row = [], [], 0, 0
-    for width, n in packed.widths.items():
-        seg = pack_bits(values[seg_row:seg_row + n].flatten(), torch.full((n * cols // 2,), width, device=device))
-        parts.append(seg.view(n, tiles, width).permute(1, 2, 0).flatten())
-        table += [[r, seg_row + n, width, base, seg_row, n] for r in range(seg_row, seg_row + n, block_r)]
-        base += seg.numel()
+    padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
+    total = sum(padded)
+    groups = -(-cols // group_size)
+    index_words = torch.zeros(2 * tiles, total, dtype=torch.int32, device=device)
+    one, magic = torch.ones(1, dtype=torch.float16), torch.full((1,), 1024.0, dtype=torch.float16)
+    scale = _half_pairs(one.to(device).expand(groups, total))
+    zz = _half_pairs(magic.to(device).expand(groups, total))  # padding rows: weights (c - 0) * 1 of codes 0
+    perm = torch.zeros(total, dtype=torch.int32, device=device)
+    parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
+    for (width, n), n_pad in zip(packed.widths.items(), padded):
+        real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
+        planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # lower codes, then upper
+        halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
+        codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
+        codes[:, :, :n] = torch.stack([halves[0], halves[1]], -1).view(torch.int32).squeeze(-1).permute(1, 2, 0)
+        parts.append(codes.flatten())
+        index_words[:, real] = signed32(index[seg].flatten(1)).T
+        perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
+        if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
+            scale[:, real] = _half_pairs(packed.tensors["scale"][seg].T)
+            zz[:, real] = _half_pairs(1024 + packed.tensors["zero"][seg].T)
+        table += [[r, min(block_r, pad_row + n - r), width, base, pad_row, n_pad]
+                  for r in range(pad_row, pad_row + n, block_r)]
+        base += codes.numel()
         seg_row += n
-    assert base < INT32_MAX and rows * cols // 32 < INT32_MAX, "offsets need int32"
-    mask = module.mask.contiguous().view(torch.int32).T.contiguous()  # cols % 64 == 0: rows of whole words
-    quantized = int((widths < 16).sum())
-    scale = packed.tensors["scale"].T.contiguous() if quantized else torch.ones(1, 1, dtype=torch.float16, device=device)
-    zero = packed.tensors["zero"].T.contiguous() if quantized else torch.zeros(1, 1, dtype=torch.float16, device=device)
-    return {"codes": torch.cat(parts), "mask": mask, "table": torch.tensor(table, dtype=torch.int32, device=device),
-            "perm": packed.perm.to(device=device, dtype=torch.int32), "scale": scale, "zero": zero,
-            "quantized_rows": max(quantized, 1), "present": sum(1 << w for w in packed.widths)}
+        pad_row += n_pad
+    assert base < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
+    return {"codes": torch.cat(parts), "index": index_words, "table": torch.tensor(table, dtype=torch.int32, device=device),
+            "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
+            "present": sum(1 << w for w in packed.widths)}
 
 
 def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
@@ -312,10 +434,10 @@ def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_si
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
     block_r, split = two_four_shape(cols)
     _two_four_kernel[(meta["table"].shape[0],)](
-        x, y, meta["codes"], meta["mask"], meta["table"], meta["perm"], meta["scale"], meta["zero"],
-        rows, meta["quantized_rows"], cols, group_size,
+        x.view(torch.int32), y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"],
+        meta["zero"], meta["padded_rows"], cols, group_size,
         PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
-        EVEN=(cols // TILE) % split == 0, num_warps=TWO_FOUR_WARPS,
+        EVEN=(cols // TILE) % split == 0, USE_ASM=not _interpreted(), num_warps=TWO_FOUR_WARPS,
     )
     return y
 
@@ -395,7 +517,7 @@ def kernel_meta(module) -> dict:
 def kernel_bytes(meta: dict, batch: int, rows: int, cols: int) -> int:
     """Bytes one packed_matmul call reads or writes at least once: the arrangement, x and fp32 y."""
     read = sum(meta[k].numel() * meta[k].element_size()
-               for k in ("codes", "mask", "table", "chunk_off", "perm", "scale", "zero") if meta.get(k) is not None)
+               for k in ("codes", "mask", "index", "table", "chunk_off", "perm", "scale", "zero") if meta.get(k) is not None)
     return read + batch * cols * 2 + batch * rows * 4
 
 
