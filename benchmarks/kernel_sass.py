@@ -50,7 +50,7 @@ def two_four_instructions(width: int, cols: int = 4096) -> dict:
     block_r, split = kernels.two_four_shape(cols)
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "P", "K", "GROUP_SIZE"]
-    types = ["*i32", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
+    types = ["*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
     const = dict(PRESENT=1 << width, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True, USE_ASM=True)
     body = _loop(_sass(kernels._two_four_kernel, dict(zip(names, types)), const, kernels.TWO_FOUR_WARPS, aligned=9))
     elements_per_thread = block_r * split / (32 * kernels.TWO_FOUR_WARPS)

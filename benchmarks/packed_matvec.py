@@ -160,11 +160,14 @@ def tune(built, mean_bits: float, configs: str, peak, copy_bw, name: str) -> Non
     from sparsemix import kernels
 
     module = built[0]
+    default = kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS
     for config in configs.split(","):
         kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS = (int(v) for v in config.split("x"))
         module.two_four_meta = kernels.two_four_meta(module)
         result = case(*built, mean_bits, "2:4", 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "config": config, **result}), flush=True)
+    kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS = default
+    module.two_four_meta = kernels.two_four_meta(module)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,6 @@ def _packed_matmul_kernel(
 # them; the program sums its rows over the tiles itself: one launch, no atomics.
 
 TILE = 64  # columns per tile: 16 groups of 4
-FLUSH = tl.constexpr(4)  # groups accumulated in fp16 pairs before they are added into fp32
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
 
@@ -268,8 +267,8 @@ def _flush(acc, part, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
-    """Group g's two codes (W < 16) as fp16 pair 1024 + code, from the word holding the end of its
-    W bits (``cur``) and the word before (``prev``, read only when the codes straddle the two)."""
+    """Group g's two codes (W < 16) as fp16 pair 1024 + code, from the words holding the start
+    (``prev``) and the end (``cur``) of its W bits (the same word unless the codes straddle two)."""
     start: tl.constexpr = g * W
     shift: tl.constexpr = start % 16
     if shift + W <= 16:
@@ -291,44 +290,54 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
     local = rows - seg_row0
     inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     split = tl.arange(0, SPLIT)[:, None]
+    opaque_zero = (count >> 30).to(tl.uint32)  # 0 (count <= BLOCK_R), unknown at compile time
     n_tiles = K // 64  # TILE
     acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
-    zz = tl.load(zz_ptr + rows, mask=inside, other=0)
-    s = tl.load(scale_ptr + rows, mask=inside, other=0)
+    if not GROUPED:  # one grid per row
+        zz = tl.load(zz_ptr + rows, mask=inside, other=0)
+        s = tl.load(scale_ptr + rows, mask=inside, other=0)
     for i in range(0, n_tiles, SPLIT):
         t = i + split
         x_ok = (t < n_tiles) | EVEN
         if not EVEN:  # a spare tile repeats tile 0 with x read as 0
             t = tl.where(x_ok, t, 0)
-        if QUANT and GROUPED:  # group size a multiple of 64: one group per tile
+        if GROUPED:  # group size a multiple of 64: one group per tile
             g = (t * 64) // GROUP_SIZE
             zz = tl.load(zz_ptr + g * P + rows, mask=inside, other=0)
             s = tl.load(scale_ptr + g * P + rows, mask=inside, other=0)
         m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         words = codes_ptr + word_base + t * W * seg_rows + local
-        xs = x_ptr + t * 32  # x as fp16 pairs
+        tile_words = ()  # every load of the tile first, so their latencies overlap (ptxas keeps the order)
+        for h in tl.static_range(W):
+            tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
+        tile_x = ()  # x as 64-bit words: one group's 4 values each
+        for grp in tl.static_range(16):
+            tile_x = tile_x + (tl.load(x_ptr + t * 16 + grp, mask=x_ok, other=0),)
+        # ptxas sinks each load to its first use, exposing the latencies one after another: make the
+        # first group depend on every load (through a zero it cannot prove), so all are in flight at once
+        first = m0 | m1
+        for h in tl.static_range(W):
+            first |= tile_words[h]
+        for grp in tl.static_range(16):
+            first |= (tile_x[grp] | (tile_x[grp] >> 32)).to(tl.uint32)
+        m0 |= first & opaque_zero
         part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
-        cur = tl.zeros([SPLIT, BLOCK_R], dtype=tl.uint32)
-        for h in tl.static_range(W):  # word h of the tile: groups whose codes end in it
-            prev = cur
-            cur = tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-            for grp in tl.static_range(16):
-                if (grp * W + W - 1) // 16 == h:
-                    if grp < 8:
-                        index = (m0 >> (2 * (grp % 4))) & 0x03030303
-                    else:
-                        index = (m1 >> (2 * (grp % 4))) & 0x03030303
-                    if QUANT:
-                        v = _codes(prev, cur, grp, W)
-                    else:
-                        v = cur
-                    xa = tl.load(xs + 2 * grp, mask=x_ok, other=0)
-                    xb = tl.load(xs + 2 * grp + 1, mask=x_ok, other=0)
-                    part = _group_fma(index, xa, xb, v, zz, s, part, (grp % 8) >= 4, QUANT, USE_ASM)
-                    if grp % FLUSH == FLUSH - 1:
-                        acc = _flush(acc, part, USE_ASM)
-                        part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
+        for grp in tl.static_range(16):
+            if grp < 8:
+                index = (m0 >> (2 * (grp % 4))) & 0x03030303
+            else:
+                index = (m1 >> (2 * (grp % 4))) & 0x03030303
+            if QUANT:
+                v = _codes(tile_words[(grp * W) // 16], tile_words[(grp * W + W - 1) // 16], grp, W)
+            else:
+                v = tile_words[grp]
+            xa = tile_x[grp].to(tl.int32)
+            xb = (tile_x[grp] >> 32).to(tl.int32)
+            part = _group_fma(index, xa, xb, v, zz, s, part, (grp % 8) >= 4, QUANT, USE_ASM)
+            if grp % 4 == 3:  # 4 groups (8 products) in fp16 pairs, then into fp32
+                acc = _flush(acc, part, USE_ASM)
+                part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
     y = tl.sum(acc, axis=0)
     rows = row0 + tl.arange(0, BLOCK_R)
     real = tl.arange(0, BLOCK_R) < count
@@ -434,7 +443,7 @@ def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_si
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
     block_r, split = two_four_shape(cols)
     _two_four_kernel[(meta["table"].shape[0],)](
-        x.view(torch.int32), y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"],
+        x.view(torch.int64), y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"],
         meta["zero"], meta["padded_rows"], cols, group_size,
         PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
         EVEN=(cols // TILE) % split == 0, USE_ASM=not _interpreted(), num_warps=TWO_FOUR_WARPS,
