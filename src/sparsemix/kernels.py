@@ -167,7 +167,8 @@ def _packed_matmul_kernel(
 # When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), a row's k-th kept
 # code belongs to column group k // 2, so code positions are fixed and the kernel needs no popcounts.
 # ``two_four_meta`` rearranges such a layer (same bytes as the file, plus padding rows) so that the
-# hot loop is fp16x2 arithmetic on CUDA cores, about 9 SASS instructions per group of 4 columns:
+# hot loop is fp16x2 arithmetic on CUDA cores, about 11 SASS instructions per group of 4 columns
+# (``benchmarks/kernel_sass.py``; the bitmask kernel above takes about 22 per column):
 #
 # * each group's two kept codes sit at the same bits of the two halves of one 32-bit word (a tile's
 #   lower-column codes in the low halves, upper-column codes in the high halves), so one shift and one
@@ -175,7 +176,9 @@ def _packed_matmul_kernel(
 #   exactly as ``dequantise`` rounds them;
 # * each group's two column indices (2 bits each) become a PRMT byte selector by one IMAD, and one
 #   PRMT picks the two matching x values out of the group's 4 (two 32-bit words of x);
-# * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator.
+# * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator (products
+#   and 8-product partial sums are rounded to fp16, as in fp16x2 GEMV kernels such as ExLlama's; the
+#   benchmark reports the error against dequantise-then-matmul).
 #
 # Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles k, k + SPLIT, ... of row r; rows
 # are padded to runs of 16 so a thread loads 4 rows with 128-bit loads and shares its x loads between
@@ -204,6 +207,7 @@ def _pair(lo, hi):
 
 @triton.jit
 def _asm(index, xa, xb, v, zz, s, part, code: tl.constexpr):
+    """``code`` (PTX; $0 the result, $1.. the arguments) on each element, all 32-bit registers."""
     return tl.inline_asm_elementwise(code, "=r,r,r,r,r,r,r,r", [index, xa, xb, v, zz, s, part],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
@@ -290,7 +294,6 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
     local = rows - seg_row0
     inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     split = tl.arange(0, SPLIT)[:, None]
-    opaque_zero = (count >> 30).to(tl.uint32)  # 0 (count <= BLOCK_R), unknown at compile time
     n_tiles = K // 64  # TILE
     acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
     if not GROUPED:  # one grid per row
@@ -308,20 +311,12 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
         m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         words = codes_ptr + word_base + t * W * seg_rows + local
-        tile_words = ()  # every load of the tile first, so their latencies overlap (ptxas keeps the order)
+        tile_words = ()  # the tile's W code words, each loaded once
         for h in tl.static_range(W):
             tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
         tile_x = ()  # x as 64-bit words: one group's 4 values each
         for grp in tl.static_range(16):
             tile_x = tile_x + (tl.load(x_ptr + t * 16 + grp, mask=x_ok, other=0),)
-        # ptxas sinks each load to its first use, exposing the latencies one after another: make the
-        # first group depend on every load (through a zero it cannot prove), so all are in flight at once
-        first = m0 | m1
-        for h in tl.static_range(W):
-            first |= tile_words[h]
-        for grp in tl.static_range(16):
-            first |= (tile_x[grp] | (tile_x[grp] >> 32)).to(tl.uint32)
-        m0 |= first & opaque_zero
         part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
         for grp in tl.static_range(16):
             if grp < 8:
@@ -363,9 +358,12 @@ def _two_four_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, sc
                                 USE_ASM)
 
 
-TWO_FOUR_ELEMENTS = 2048  # (row, tile column) pairs per program
-TWO_FOUR_WARPS = 16
-TWO_FOUR_SPLIT = 64  # at most this many tile columns per row walked side by side
+# (row, tile column) pairs per program, warps, most tile columns per row walked side by side: 4 pairs
+# per thread (4 rows sharing their x loads). Best of 12 configs at 4 bits on an H100 over the three
+# benchmark shapes (benchmarks/results-h100-matvec9-probe.txt), within 7% of each shape's best.
+TWO_FOUR_ELEMENTS = 1024
+TWO_FOUR_WARPS = 8
+TWO_FOUR_SPLIT = 64
 
 
 def two_four_shape(cols: int) -> tuple[int, int]:
@@ -438,9 +436,8 @@ def two_four_meta(module) -> dict | None:
             "present": sum(1 << w for w in packed.widths)}
 
 
-def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
-    """x [1, cols] fp16 -> x W^T [1, rows] in x's dtype through the 2:4 kernel (one launch)."""
-    y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
+def _two_four_matvec(x: torch.Tensor, y: torch.Tensor, meta: dict, cols: int, group_size: int) -> None:
+    """y [rows] = W x for one token x [cols], both fp16, through the 2:4 kernel (one launch)."""
     block_r, split = two_four_shape(cols)
     _two_four_kernel[(meta["table"].shape[0],)](
         x.view(torch.int64), y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"],
@@ -448,7 +445,6 @@ def _two_four_matvec(x: torch.Tensor, meta: dict, rows: int, cols: int, group_si
         PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
         EVEN=(cols // TILE) % split == 0, USE_ASM=not _interpreted(), num_warps=TWO_FOUR_WARPS,
     )
-    return y
 
 
 def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
@@ -547,13 +543,14 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     if module.two_four_meta is None:
         module.two_four_meta = two_four_meta(module) or {}
     if module.two_four_meta:
-        y = torch.cat([_two_four_matvec(token, module.two_four_meta, rows, cols, header["group_size"])
-                       for token in flat.split(1)])
+        y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
+        for token in range(batch):  # written in place: no copies (a cat of one token is a 1 µs copy)
+            _two_four_matvec(flat[token], y[token], module.two_four_meta, cols, header["group_size"])
     elif batch <= ROW_BY_ROW:
         y = torch.cat([_general_matmul(token, module) for token in flat.split(1)])
     else:
         y = _general_matmul(flat, module)
-    return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+    return y.to(x.dtype).reshape(*x.shape[:-1], rows)  # no copy when x is fp16
 
 
 def _general_matmul(flat: torch.Tensor, module) -> torch.Tensor:
