@@ -1,5 +1,6 @@
 """Compile the packed kernels for an H100 (sm_90a) without a GPU and count SASS instructions per weight
-in each width's main loop: a proxy for their cost at batch 1 (the general kernel, then the 2:4 one).
+in each width's main loop: a proxy for their cost at batch 1 (the general kernel, then the fixed-position
+one for 2:4 and dense layers).
 
     PYTHONPATH=src python benchmarks/kernel_sass.py
 """
@@ -45,17 +46,20 @@ def _loop(ins: list[tuple[int, str]]) -> int:
     return sum(start <= a <= end for a, _ in ins)
 
 
-def two_four_instructions(width: int, cols: int = 4096) -> dict:
-    """The 2:4 kernel's tile loop at the shape ``two_four_shape`` picks for ``cols`` columns."""
-    block_r, split = kernels.two_four_shape(cols)
+def fixed_instructions(width: int, dense: bool, cols: int = 4096) -> dict:
+    """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_shape`` picks for
+    ``cols`` columns; per weight = per column position (kept or pruned)."""
+    tile = 32 if dense else 64
+    block_r, split = kernels.fixed_shape(cols, tile)
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "P", "K", "GROUP_SIZE"]
-    types = ["*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
-    const = dict(PRESENT=1 << width, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True, USE_ASM=True)
-    body = _loop(_sass(kernels._two_four_kernel, dict(zip(names, types)), const, kernels.TWO_FOUR_WARPS, aligned=9))
-    elements_per_thread = block_r * split / (32 * kernels.TWO_FOUR_WARPS)
-    return {"kernel": "2:4", "width": width, "loop_instructions": body,
-            "per_weight": round(body / (64 * elements_per_thread), 1)}
+    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
+    const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
+                 USE_ASM=True)
+    body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, kernels.FIXED_WARPS, aligned=9))
+    elements_per_thread = block_r * split / (32 * kernels.FIXED_WARPS)
+    return {"kernel": "dense" if dense else "2:4", "width": width, "loop_instructions": body,
+            "per_weight": round(body / (tile * elements_per_thread), 1)}
 
 
 def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:
@@ -74,4 +78,5 @@ if __name__ == "__main__":
             for batch_block in (1, 16):
                 print(json.dumps(loop_instructions(width, sparse, batch_block)))
     for width in kernels.WIDTHS:
-        print(json.dumps(two_four_instructions(width)))
+        for dense in (False, True):
+            print(json.dumps(fixed_instructions(width, dense)))

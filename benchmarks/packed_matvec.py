@@ -66,7 +66,7 @@ def width_mix(rows: int, mean: float, gen: torch.Generator) -> torch.Tensor:
 def layer(rows: int, cols: int, mean_bits: float, sparsity: str, device: str):
     """-> (PackedLinear on ``device``, its PackedWeight, dequantised weight fp16, widths [rows]).
     ``sparsity``: a fraction (unstructured, bitmask; 0 dense) or "2:4"."""
-    from sparsemix.kernels import kernel_meta, two_four_meta
+    from sparsemix.kernels import kernel_meta, fixed_meta
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(rows * 7 + cols)
@@ -75,7 +75,7 @@ def layer(rows: int, cols: int, mean_bits: float, sparsity: str, device: str):
     packed = random_packed(bits, cols, 0.5 if two_four else float(sparsity), cols, gen, device, two_four=two_four)
     module = PackedLinear(packed.header(), packed.tensors, bias=False)
     module.kernel_meta = kernel_meta(module)
-    module.two_four_meta = two_four_meta(module) or {}
+    module.fixed_meta = fixed_meta(module) or {}
     return module, packed, dequantise(packed), bits
 
 
@@ -87,7 +87,7 @@ def _copies(module, n: int) -> list:
     out = []
     for _ in range(n):
         twin = copy.copy(module)
-        for key in ("kernel_meta", "two_four_meta"):
+        for key in ("kernel_meta", "fixed_meta"):
             meta = getattr(module, key)
             if meta:
                 setattr(twin, key, {k: v.clone() if torch.is_tensor(v) else v for k, v in meta.items()})
@@ -112,7 +112,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     error = float((packed_matmul(x, module).float() - x.float() @ weight.float().T).abs().max())
     dense_us = do_bench_cudagraph(lambda: torch.matmul(x, weight.T)) * 1e3
     kernel_us = do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3
-    meta = module.two_four_meta or module.kernel_meta  # the arrangement packed_matmul reads
+    meta = module.fixed_meta or module.kernel_meta  # the arrangement packed_matmul reads
     read = kernel_bytes(meta, batch, rows, cols)  # its arrangement of the weight, x in, fp32 y out
     dense = [weight.clone() for _ in range(-(-4 * L2_BYTES // (weight.numel() * 2)))]
     cold_dense_us = _cold_us(lambda w: torch.matmul(x, w.T), dense)
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
-    parser.add_argument("--tune", default="", help="2:4 at batch 1: also time ELEMENTSxSPLITxWARPS configs, e.g. 512x64x4")
+    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS configs, e.g. 512x64x4")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -150,24 +150,24 @@ def main() -> None:
                 for batch in (int(b) for b in args.batch.split(",")):
                     result = case(*built, mean_bits, sparsity, batch, peak, copy_bw)
                     print(json.dumps({"gpu": name, **result}), flush=True)
-                if sparsity == "2:4" and args.tune:
-                    tune(built, mean_bits, args.tune, peak, copy_bw, name)
+                if sparsity in ("2:4", "0") and args.tune:
+                    tune(built, mean_bits, sparsity, args.tune, peak, copy_bw, name)
 
 
-def tune(built, mean_bits: float, configs: str, peak, copy_bw, name: str) -> None:
-    """The 2:4 batch-1 case again under each ELEMENTSxSPLITxWARPS config ((row, tile column) pairs per
-    program, most tile columns side by side, warps)."""
+def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
+    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS
+    config ((row, tile column) pairs per program, most tile columns side by side, warps)."""
     from sparsemix import kernels
 
     module = built[0]
-    default = kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS
+    default = kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS
     for config in configs.split(","):
-        kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS = (int(v) for v in config.split("x"))
-        module.two_four_meta = kernels.two_four_meta(module)
-        result = case(*built, mean_bits, "2:4", 1, peak, copy_bw)
+        kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS = (int(v) for v in config.split("x"))
+        module.fixed_meta = kernels.fixed_meta(module)
+        result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "config": config, **result}), flush=True)
-    kernels.TWO_FOUR_ELEMENTS, kernels.TWO_FOUR_SPLIT, kernels.TWO_FOUR_WARPS = default
-    module.two_four_meta = kernels.two_four_meta(module)
+    kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS = default
+    module.fixed_meta = kernels.fixed_meta(module)
 
 
 if __name__ == "__main__":

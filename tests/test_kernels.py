@@ -40,36 +40,38 @@ def test_kernel_matches_dequantise_then_matmul():
     check("cuda" if torch.cuda.is_available() else "cpu")
 
 
-TWO_FOUR_CASES = [  # rows, cols, widths, group size, batch: every 4 columns keep 2
-    (300, 256, (2, 3, 4, 6, 8, 16), 256, 1),  # all widths, segments over several row blocks
-    (40, 320, (3, 6), 64, 3),  # a group per tile; 5 tiles: a ragged last split; one launch per token
-    (7, 128, (16,), 128, 1),  # unquantised rows only
+FIXED_CASES = [  # rows, cols, widths, group size, batch, 2:4 (every 4 columns keep 2) or dense
+    (300, 256, (2, 3, 4, 6, 8, 16), 256, 1, True),  # all widths, segments over several row blocks
+    (40, 320, (3, 6), 64, 3, True),  # a group per tile; 5 tiles: a ragged last split; one launch per token
+    (7, 128, (16,), 128, 1, True),  # unquantised rows only
+    (50, 256, (2, 3, 4, 6, 8, 16), 256, 1, False),
+    (30, 160, (3, 6), 32, 2, False),  # a group per 32-column tile; 5 tiles: a ragged last split
 ]
 
 
-def test_two_four_rows_take_the_fixed_position_kernel():
+def test_two_four_and_dense_rows_take_the_fixed_position_kernel():
     pytest.importorskip("triton")
     from sparsemix.kernels import packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1)
-    for rows, cols, widths, group_size, batch in TWO_FOUR_CASES:
+    for rows, cols, widths, group_size, batch, two_four in FIXED_CASES:
         bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
-        packed = random_packed(bits, cols, 0.5, group_size, gen, two_four=True)
+        packed = random_packed(bits, cols, 0.5 if two_four else 0.0, group_size, gen, two_four=two_four)
         module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
         x = torch.randn(batch, cols, generator=gen).half()
         y = packed_matmul(x.to(device), module).float().cpu()
-        assert module.two_four_meta and module.kernel_meta is None, "a 2:4 mask should take the 2:4 kernel only"
+        assert module.fixed_meta and module.kernel_meta is None, "should take the fixed-position kernel only"
         reference = x.float() @ dequantise(packed).float().T
         assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (rows, cols, widths)
 
 
-def test_unstructured_masks_do_not_take_the_two_four_kernel():
+def test_unstructured_masks_do_not_take_the_fixed_position_kernel():
     pytest.importorskip("triton")
-    from sparsemix.kernels import two_four_meta
+    from sparsemix.kernels import fixed_meta
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(2)
     packed = random_packed(torch.full((16,), 4), 128, 0.5, 128, gen)
-    assert two_four_meta(PackedLinear(packed.header(), packed.tensors, bias=False)) is None
+    assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False)) is None

@@ -163,28 +163,28 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
-# --- 2:4 layers, one token per launch -----------------------------------------------------------------
-# When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning), a row's k-th kept
-# code belongs to column group k // 2, so code positions are fixed and the kernel needs no popcounts.
-# ``two_four_meta`` rearranges such a layer (same bytes as the file, plus padding rows) so that the
-# hot loop is fp16x2 arithmetic on CUDA cores, about 11 SASS instructions per group of 4 columns
-# (``benchmarks/kernel_sass.py``; the bitmask kernel above takes about 22 per column):
+# --- dense and 2:4 layers, one token per launch -----------------------------------------------------
+# Without a mask, or when every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning),
+# a row's k-th code belongs to column k (dense) or to column group k // 2 (2:4): code positions are
+# fixed and the kernel needs no popcounts. ``fixed_meta`` rearranges such a layer (the file's bytes,
+# plus padding rows) so that the hot loop is fp16x2 arithmetic on CUDA cores, about 11 SASS
+# instructions per 2:4 group of 4 columns (``benchmarks/kernel_sass.py``; the bitmask kernel above
+# takes about 22 per column). A group is 2 consecutive columns (dense) or 4 columns keeping 2 (2:4):
 #
-# * each group's two kept codes sit at the same bits of the two halves of one 32-bit word (a tile's
-#   lower-column codes in the low halves, upper-column codes in the high halves), so one shift and one
-#   LOP3 give both as fp16 1024 + code (the exponent trick), and HSUB2/HMUL2 give the fp16 weights
-#   exactly as ``dequantise`` rounds them;
-# * each group's two column indices (2 bits each) become a PRMT byte selector by one IMAD, and one
-#   PRMT picks the two matching x values out of the group's 4 (two 32-bit words of x);
+# * a group's two codes sit at the same bits of the two halves of one 32-bit word (a tile's first
+#   codes in the low halves, second codes in the high halves), so one shift and one LOP3 give both as
+#   fp16 1024 + code (the exponent trick), and HSUB2/HMUL2 give the fp16 weights exactly as
+#   ``dequantise`` rounds them;
+# * 2:4: a group's two kept columns (2 bits each) become a PRMT byte selector by one IMAD, and one
+#   PRMT picks their two x values out of the group's 4 (dense: the group's 2 x values as they are);
 # * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator (products
 #   and 8-product partial sums are rounded to fp16, as in fp16x2 GEMV kernels such as ExLlama's; the
 #   benchmark reports the error against dequantise-then-matmul).
 #
-# Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles k, k + SPLIT, ... of row r; rows
-# are padded to runs of 16 so a thread loads 4 rows with 128-bit loads and shares its x loads between
-# them; the program sums its rows over the tiles itself: one launch, no atomics.
+# Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles (16 groups) k, k + SPLIT, ... of
+# row r; rows are padded to runs of 16 so a thread loads 4 rows with 128-bit loads and shares its x
+# loads between them; the program sums its rows over the tiles itself: one launch, no atomics.
 
-TILE = 64  # columns per tile: 16 groups of 4
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
 
@@ -213,14 +213,20 @@ def _asm(index, xa, xb, v, zz, s, part, code: tl.constexpr):
 
 
 @triton.jit
-def _group_fma(index, xa, xb, v, zz, s, part, UPPER: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
-    """part + w * x for one group of 4 columns, fp16 pairs in int32: ``index`` has the group's lower
-    and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and 3 when UPPER); ``xa``, ``xb`` its
-    4 x values; ``v`` its 2 codes as fp16 1024 + code (QUANT) or its 2 fp16 weights; ``zz`` fp16
-    1024 + zero and ``s`` the scale, twice each. The selector byte of column c is 0x10 + 0x22 c: the
-    two bytes of x value c."""
+def _group_fma(index, xa, xb, v, zz, s, part, UPPER: tl.constexpr, QUANT: tl.constexpr, DENSE: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    """part + w * x for one group, fp16 pairs in int32: ``v`` its 2 codes as fp16 1024 + code (QUANT)
+    or its 2 fp16 weights; ``zz`` fp16 1024 + zero and ``s`` the scale, twice each. DENSE: the group
+    is 2 columns and ``xa`` their x. 2:4: the group is 4 columns, ``xa``, ``xb`` their x, and ``index``
+    has the lower and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and 3 when UPPER);
+    the selector byte of column c is 0x10 + 0x22 c: the two bytes of x value c."""
     if USE_ASM:
-        if QUANT and UPPER:
+        if DENSE and QUANT:
+            return _asm(index, xa, xb, v, zz, s, part,
+                        "{ .reg .b32 w; sub.rn.f16x2 w, $4, $5; mul.rn.f16x2 w, w, $6; fma.rn.f16x2 $0, w, $2, $7; }")
+        elif DENSE:
+            return _asm(index, xa, xb, v, zz, s, part, "fma.rn.f16x2 $0, $4, $2, $7;")
+        elif QUANT and UPPER:
             return _asm(index, xa, xb, v, zz, s, part,
                         "{ .reg .b32 sel, xs, w; mad.hi.u32 sel, $1, 2228224, 4112; prmt.b32 xs, $2, $3, sel; "
                         "sub.rn.f16x2 w, $4, $5; mul.rn.f16x2 w, w, $6; fma.rn.f16x2 $0, w, xs, $7; }")
@@ -237,15 +243,18 @@ def _group_fma(index, xa, xb, v, zz, s, part, UPPER: tl.constexpr, QUANT: tl.con
                         "{ .reg .b32 sel, xs; mad.lo.u32 sel, $1, 34, 4112; prmt.b32 xs, $2, $3, sel; "
                         "fma.rn.f16x2 $0, $4, xs, $7; }")
     else:  # the same arithmetic for Triton's CPU interpreter
-        index = index.to(tl.uint32, bitcast=True)
-        if UPPER:
-            index = index >> 16
-        sel = index * 34 + 4112
-        words = tl.zeros_like(sel)
-        for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
-            n = (sel >> (4 * i)) & 7
-            source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
-            words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
+        if DENSE:
+            words = xa
+        else:
+            index = index.to(tl.uint32, bitcast=True)
+            if UPPER:
+                index = index >> 16
+            sel = index * 34 + 4112
+            words = tl.zeros_like(sel)
+            for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
+                n = (sel >> (4 * i)) & 7
+                source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
+                words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
         x_lo, x_hi = _halves(words)
         w_lo, w_hi = _halves(v)
         if QUANT:
@@ -284,17 +293,18 @@ def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
-                    row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE,
-                    W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-                    EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
+                 row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE,
+                 W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
+                 SPLIT: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
     """Padded rows row0.. (``count`` real, all of width W) times all columns into y[perm[row]]."""
     QUANT: tl.constexpr = W < 16
+    TILE_COLS: tl.constexpr = 32 if DENSE else 64  # 16 groups of 2 or 4 columns
     rows = row0 + tl.arange(0, BLOCK_R)[None, :]
     local = rows - seg_row0
     inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     split = tl.arange(0, SPLIT)[:, None]
-    n_tiles = K // 64  # TILE
+    n_tiles = K // TILE_COLS
     acc = tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32)
     if not GROUPED:  # one grid per row
         zz = tl.load(zz_ptr + rows, mask=inside, other=0)
@@ -304,22 +314,25 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
         x_ok = (t < n_tiles) | EVEN
         if not EVEN:  # a spare tile repeats tile 0 with x read as 0
             t = tl.where(x_ok, t, 0)
-        if GROUPED:  # group size a multiple of 64: one group per tile
-            g = (t * 64) // GROUP_SIZE
+        if GROUPED:  # group size a multiple of the tile: one group per tile
+            g = (t * TILE_COLS) // GROUP_SIZE
             zz = tl.load(zz_ptr + g * P + rows, mask=inside, other=0)
             s = tl.load(scale_ptr + g * P + rows, mask=inside, other=0)
-        m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-        m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+        if not DENSE:
+            m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+            m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
         words = codes_ptr + word_base + t * W * seg_rows + local
         tile_words = ()  # the tile's W code words, each loaded once
         for h in tl.static_range(W):
             tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
-        tile_x = ()  # x as 64-bit words: one group's 4 values each
+        tile_x = ()  # one group's x values: 2 fp16 in an int32 (dense), 4 in an int64 (2:4)
         for grp in tl.static_range(16):
             tile_x = tile_x + (tl.load(x_ptr + t * 16 + grp, mask=x_ok, other=0),)
         part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
         for grp in tl.static_range(16):
-            if grp < 8:
+            if DENSE:
+                index = tile_x[grp]  # unused
+            elif grp < 8:
                 index = (m0 >> (2 * (grp % 4))) & 0x03030303
             else:
                 index = (m1 >> (2 * (grp % 4))) & 0x03030303
@@ -327,9 +340,13 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
                 v = _codes(tile_words[(grp * W) // 16], tile_words[(grp * W + W - 1) // 16], grp, W)
             else:
                 v = tile_words[grp]
-            xa = tile_x[grp].to(tl.int32)
-            xb = (tile_x[grp] >> 32).to(tl.int32)
-            part = _group_fma(index, xa, xb, v, zz, s, part, (grp % 8) >= 4, QUANT, USE_ASM)
+            if DENSE:
+                xa = tile_x[grp]
+                xb = xa  # unused
+            else:
+                xa = tile_x[grp].to(tl.int32)
+                xb = (tile_x[grp] >> 32).to(tl.int32)
+            part = _group_fma(index, xa, xb, v, zz, s, part, (grp % 8) >= 4, QUANT, DENSE, USE_ASM)
             if grp % 4 == 3:  # 4 groups (8 products) in fp16 pairs, then into fp32
                 acc = _flush(acc, part, USE_ASM)
                 part = tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32)
@@ -340,9 +357,9 @@ def _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_
 
 
 @triton.jit
-def _two_four_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale_ptr, zz_ptr, P, K, GROUP_SIZE,
-                     PRESENT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-                     EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale_ptr, zz_ptr, P, K, GROUP_SIZE,
+                  PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SPLIT: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
     """One program: the row block table[pid] (one width) over all columns, summed in the program (no
     atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
     entry = table_ptr + tl.program_id(0) * 6
@@ -353,23 +370,23 @@ def _two_four_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, sc
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
-                _two_four_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count,
-                                word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, w, GROUPED, BLOCK_R, SPLIT, EVEN,
-                                USE_ASM)
+                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count, word_base,
+                             seg_row0, seg_rows, P, K, GROUP_SIZE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, USE_ASM)
 
 
 # (row, tile column) pairs per program, warps, most tile columns per row walked side by side: 4 pairs
-# per thread (4 rows sharing their x loads). Best of 12 configs at 4 bits on an H100 over the three
-# benchmark shapes (benchmarks/results-h100-matvec9-probe.txt), within 7% of each shape's best.
-TWO_FOUR_ELEMENTS = 1024
-TWO_FOUR_WARPS = 8
-TWO_FOUR_SPLIT = 64
+# per thread (4 rows sharing their x loads). Best of 12 configs for 2:4 at 4 bits on an H100 over the
+# three benchmark shapes (benchmarks/results-h100-matvec9-probe.txt), within 7% of each shape's best.
+FIXED_ELEMENTS = 1024
+FIXED_WARPS = 8
+FIXED_SPLIT = 64
 
 
-def two_four_shape(cols: int) -> tuple[int, int]:
-    """(rows per program, a multiple of PAD_ROWS; tiles walked side by side) for ``cols`` columns."""
-    split = min(triton.next_power_of_2(cols // TILE), TWO_FOUR_SPLIT)
-    return max(TWO_FOUR_ELEMENTS // split, PAD_ROWS), split
+def fixed_shape(cols: int, tile: int) -> tuple[int, int]:
+    """(rows per program, a multiple of PAD_ROWS; tiles walked side by side) for ``cols`` columns in
+    tiles of ``tile`` columns."""
+    split = min(triton.next_power_of_2(cols // tile), FIXED_SPLIT)
+    return max(FIXED_ELEMENTS // split, PAD_ROWS), split
 
 
 def _half_pairs(values: torch.Tensor) -> torch.Tensor:
@@ -377,37 +394,43 @@ def _half_pairs(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([values, values], -1).view(torch.int32).squeeze(-1)
 
 
-def two_four_meta(module) -> dict | None:
-    """The 2:4 kernel's arrangement of a PackedLinear, or None when its mask is not 2:4 (or the
-    columns or groups are not whole 64-column tiles).
+def fixed_meta(module) -> dict | None:
+    """The fixed-position kernel's arrangement of a PackedLinear whose code positions follow from
+    the column alone: dense (no mask; groups of 2 columns, 32-column tiles) or 2:4 (groups of 4
+    columns keeping 2, 64-column tiles). None for other masks, or columns or scale groups that are
+    not whole tiles.
 
     Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
     P padded rows in all. Per segment, codes int32 [tiles, W, padded rows]: word h of a tile holds
-    bits 16h.. of the stream of its 16 lower-column codes (W bits each) in its low half and of its
-    upper-column codes in its high half. ``index`` int32 [2 tiles, P]: word j of a tile has, for
-    groups 8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper
-    at bits 2k + 8 and 2k + 24 (the bitmask's size). scale and 1024 + zero as fp16 pairs [groups, P]."""
+    bits 16h.. of the stream of its 16 groups' first codes (W bits each) in its low half and of their
+    second codes in its high half. 2:4 ``index`` int32 [2 tiles, P]: word j of a tile has, for groups
+    8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper at bits
+    2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
-    if "mask" not in packed.tensors or cols % TILE or (group_size != cols and group_size % TILE):
-        return None
-    kept = packed.kept().view(rows, cols // 4, 4)
-    if not bool((kept.sum(-1) == 2).all()):
+    dense = "mask" not in packed.tensors
+    tile = 32 if dense else 64
+    if cols % tile or (group_size != cols and group_size % tile):
         return None
     device = module.codes.device
+    if not dense:
+        kept = packed.kept().view(rows, cols // 4, 4)
+        if not bool((kept.sum(-1) == 2).all()):
+            return None
+        lower = kept.int().argmax(-1)
+        upper = 3 - kept.flip(-1).int().argmax(-1)
+        k = torch.arange(8, device=device)
+        shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
+        index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
     widths = packed.row_widths.to(device)
-    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols // 2).flatten()).view(rows, -1)
-    lower = kept.int().argmax(-1)
-    upper = 3 - kept.flip(-1).int().argmax(-1)
-    k = torch.arange(8, device=device)
-    shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
-    index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
-    tiles = cols // TILE
-    block_r, _ = two_four_shape(cols)
+    per_row = cols if dense else cols // 2
+    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, per_row).flatten()).view(rows, -1)
+    tiles = cols // tile
+    block_r, _ = fixed_shape(cols, tile)
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
     total = sum(padded)
     groups = -(-cols // group_size)
-    index_words = torch.zeros(2 * tiles, total, dtype=torch.int32, device=device)
+    index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
     one, magic = torch.ones(1, dtype=torch.float16), torch.full((1,), 1024.0, dtype=torch.float16)
     scale = _half_pairs(one.to(device).expand(groups, total))
     zz = _half_pairs(magic.to(device).expand(groups, total))  # padding rows: weights (c - 0) * 1 of codes 0
@@ -415,12 +438,13 @@ def two_four_meta(module) -> dict | None:
     parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
-        planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # lower codes, then upper
+        planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
         halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
         codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
         codes[:, :, :n] = torch.stack([halves[0], halves[1]], -1).view(torch.int32).squeeze(-1).permute(1, 2, 0)
         parts.append(codes.flatten())
-        index_words[:, real] = signed32(index[seg].flatten(1)).T
+        if not dense:
+            index_words[:, real] = signed32(index[seg].flatten(1)).T
         perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
             scale[:, real] = _half_pairs(packed.tensors["scale"][seg].T)
@@ -433,17 +457,17 @@ def two_four_meta(module) -> dict | None:
     assert base < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
     return {"codes": torch.cat(parts), "index": index_words, "table": torch.tensor(table, dtype=torch.int32, device=device),
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
-            "present": sum(1 << w for w in packed.widths)}
+            "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile}
 
 
-def _two_four_matvec(x: torch.Tensor, y: torch.Tensor, meta: dict, cols: int, group_size: int) -> None:
-    """y [rows] = W x for one token x [cols], both fp16, through the 2:4 kernel (one launch)."""
-    block_r, split = two_four_shape(cols)
-    _two_four_kernel[(meta["table"].shape[0],)](
-        x.view(torch.int64), y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"],
-        meta["zero"], meta["padded_rows"], cols, group_size,
-        PRESENT=meta["present"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
-        EVEN=(cols // TILE) % split == 0, USE_ASM=not _interpreted(), num_warps=TWO_FOUR_WARPS,
+def _fixed_matvec(x: torch.Tensor, y: torch.Tensor, meta: dict, cols: int, group_size: int) -> None:
+    """y [rows] = W x for one token x [cols], both fp16, through the fixed-position kernel (one launch)."""
+    block_r, split = fixed_shape(cols, meta["tile"])
+    _fixed_kernel[(meta["table"].shape[0],)](
+        x.view(torch.int32 if meta["dense"] else torch.int64), y, meta["codes"], meta["index"], meta["table"],
+        meta["perm"], meta["scale"], meta["zero"], meta["padded_rows"], cols, group_size,
+        PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
+        EVEN=(cols // meta["tile"]) % split == 0, USE_ASM=not _interpreted(), num_warps=FIXED_WARPS,
     )
 
 
@@ -540,12 +564,12 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
     batch = flat.shape[0]
     assert batch <= MAX_BATCH, f"the packed kernel takes at most {MAX_BATCH} tokens, got {batch}"
-    if module.two_four_meta is None:
-        module.two_four_meta = two_four_meta(module) or {}
-    if module.two_four_meta:
+    if module.fixed_meta is None:
+        module.fixed_meta = fixed_meta(module) or {}
+    if module.fixed_meta:
         y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
         for token in range(batch):  # written in place: no copies (a cat of one token is a 1 µs copy)
-            _two_four_matvec(flat[token], y[token], module.two_four_meta, cols, header["group_size"])
+            _fixed_matvec(flat[token], y[token], module.fixed_meta, cols, header["group_size"])
     elif batch <= ROW_BY_ROW:
         y = torch.cat([_general_matmul(token, module) for token in flat.split(1)])
     else:

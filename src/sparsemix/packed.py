@@ -108,7 +108,7 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(header["rows"], device="meta")) if bias else None
         self.weight_cache: torch.Tensor | None = None
         self.kernel_meta: dict | None = None  # device-side per-row metadata, built on the first kernel call
-        self.two_four_meta: dict | None = None  # the 2:4 kernel's arrangement ({} when the mask is not 2:4)
+        self.fixed_meta: dict | None = None  # the fixed-position kernel's arrangement ({} when it does not apply)
 
     @property
     def in_features(self) -> int:
