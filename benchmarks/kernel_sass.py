@@ -46,19 +46,21 @@ def _loop(ins: list[tuple[int, str]]) -> int:
     return sum(start <= a <= end for a, _ in ins)
 
 
-def fixed_instructions(width: int, dense: bool, cols: int = 4096) -> dict:
+def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 4096) -> dict:
     """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_shape`` picks for
-    ``cols`` columns; per weight = per column position (kept or pruned)."""
+    ``cols`` columns, ``tokens`` per pass; per weight = per column position (kept or pruned)."""
     tile = 32 if dense else 64
     block_r, split = kernels.fixed_shape(cols, tile)
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
-             "P", "K", "GROUP_SIZE"]
-    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 3
+             "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
+    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 5
+    if tokens > 1:
+        names, types = names + ["B"], types + ["i32"]
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
-                 USE_ASM=True)
+                 BT=tokens, USE_ASM=True, **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, kernels.FIXED_WARPS, aligned=9))
     elements_per_thread = block_r * split / (32 * kernels.FIXED_WARPS)
-    return {"kernel": "dense" if dense else "2:4", "width": width, "loop_instructions": body,
+    return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,
             "per_weight": round(body / (tile * elements_per_thread), 1)}
 
 
@@ -79,4 +81,5 @@ if __name__ == "__main__":
                 print(json.dumps(loop_instructions(width, sparse, batch_block)))
     for width in kernels.WIDTHS:
         for dense in (False, True):
-            print(json.dumps(fixed_instructions(width, dense)))
+            for tokens in (1, 4):
+                print(json.dumps(fixed_instructions(width, dense, tokens)))

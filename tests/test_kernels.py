@@ -46,6 +46,8 @@ FIXED_CASES = [  # rows, cols, widths, group size, batch, 2:4 (every 4 columns k
     (7, 128, (16,), 128, 1, True),  # unquantised rows only
     (50, 256, (2, 3, 4, 6, 8, 16), 256, 1, False),
     (30, 160, (3, 6), 32, 2, False),  # a group per 32-column tile; 5 tiles: a ragged last split
+    (20, 128, (4, 8), 128, 6, True),  # two passes over the weights, the second with 2 of its 4 tokens
+    (20, 96, (2, 16), 96, 16, False),  # the largest decode batch: four passes
 ]
 
 
