@@ -1,7 +1,10 @@
-"""Triton kernel for y = x W^T with W in the packed format (``packing.py``), for decode batches.
+"""Triton kernels for y = x W^T with W in the packed format (``packing.py``), for decode batches.
 
-Layouts the kernel reads (built once per linear by ``kernel_meta``; bytes within a few words per
-width segment of the file's):
+``packed_matmul`` sends dense and 2:4 layers to the fixed-position kernel (fp16x2 arithmetic, see
+"dense and 2:4 layers" below) and layers with any other mask to the general kernel described here.
+
+Layouts the general kernel reads (built once per linear by ``kernel_meta``; bytes within a few words
+per width segment of the file's):
 
 * ``codes``  int32 [words]: the file's bitstream, cut into one stream per width segment (rows are
   sorted by width, so each width is one contiguous row range) and re-aligned so each segment starts
@@ -385,8 +388,8 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale
 
 
 # (row, tile column) pairs per program, warps, most tile columns per row walked side by side: 4 pairs
-# per thread (4 rows sharing their x loads). Best of 12 configs for 2:4 at 4 bits on an H100 over the
-# three benchmark shapes (benchmarks/results-h100-matvec9-probe.txt), within 7% of each shape's best.
+# per thread (4 rows sharing their x loads). From sweeps on an H100 (benchmarks/results-h100-matvec
+# 7-tune, 8-tune, 9-probe): within 8% of the best configuration on each benchmark shape.
 FIXED_ELEMENTS = 1024
 FIXED_WARPS = 8
 FIXED_SPLIT = 64
@@ -576,8 +579,9 @@ ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats t
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
-    2:4 layers take the 2:4 kernel once per token (7 µs each at 4096 x 4096); other layers the
-    general kernel, per token up to ROW_BY_ROW tokens, else once for the whole batch."""
+    Dense and 2:4 layers take the fixed-position kernel, one launch for the batch (4.6 µs at batch 1
+    for a 4-bit 2:4 4096 x 4096 layer on an H100); layers with other masks the general kernel, once
+    per token up to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
