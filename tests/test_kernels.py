@@ -28,8 +28,10 @@ def check(device: str) -> None:
         bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
         packed = random_packed(bits, cols, sparsity, group_size, gen)
         module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
+        module.fixed_meta = {}  # the general kernel even where the fixed-position one applies
         x = torch.randn(batch, cols, generator=gen).half()
         y = packed_matmul(x.to(device), module).float().cpu()
+        assert module.kernel_meta is not None
         reference = x.float() @ dequantise(packed).float().T
         error = float((y - reference).abs().max())
         assert error <= 2e-3 * float(reference.abs().max()), (rows, cols, widths, sparsity, group_size, batch, error)
@@ -40,40 +42,46 @@ def test_kernel_matches_dequantise_then_matmul():
     check("cuda" if torch.cuda.is_available() else "cpu")
 
 
-FIXED_CASES = [  # rows, cols, widths, group size, batch, 2:4 (every 4 columns keep 2) or dense
-    (300, 256, (2, 3, 4, 6, 8, 16), 256, 1, True),  # all widths, segments over several row blocks
-    (40, 320, (3, 6), 64, 3, True),  # a group per tile; 5 tiles: a ragged last split; one launch per token
-    (7, 128, (16,), 128, 1, True),  # unquantised rows only
-    (50, 256, (2, 3, 4, 6, 8, 16), 256, 1, False),
-    (30, 160, (3, 6), 32, 2, False),  # a group per 32-column tile; 5 tiles: a ragged last split
-    (20, 128, (4, 8), 128, 6, True),  # two passes over the weights, the second with 2 of its 4 tokens
-    (20, 96, (2, 16), 96, 16, False),  # the largest decode batch: four passes
+FIXED_CASES = [  # rows, cols, widths, group size, batch, sparsity: 2:4 (every 4 columns keep 2) or a fraction
+    (300, 256, (2, 3, 4, 6, 8, 16), 256, 1, "2:4"),  # all widths, segments over several row blocks
+    (40, 320, (3, 6), 64, 3, "2:4"),  # a group per tile; 5 tiles: a ragged last split
+    (7, 128, (16,), 128, 1, "2:4"),  # unquantised rows only
+    (50, 256, (2, 3, 4, 6, 8, 16), 256, 1, 0.0),
+    (30, 160, (3, 6), 32, 2, 0.0),  # a group per 32-column tile; 5 tiles: a ragged last split
+    (20, 128, (4, 8), 128, 6, "2:4"),  # two passes over the weights, the second with 2 of its 4 tokens
+    (20, 96, (2, 16), 96, 16, 0.0),  # the largest decode batch: four passes
+    (60, 192, (2, 3, 4, 6, 8, 16), 64, 1, 0.5),  # unstructured: pruned weights at the zero point's code
+    (24, 128, (4, 16), 128, 5, 0.8),
 ]
 
 
-def test_two_four_and_dense_rows_take_the_fixed_position_kernel():
+def test_fixed_position_kernel_matches_dequantise_then_matmul():
     pytest.importorskip("triton")
     from sparsemix.kernels import packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1)
-    for rows, cols, widths, group_size, batch, two_four in FIXED_CASES:
+    for rows, cols, widths, group_size, batch, sparsity in FIXED_CASES:
         bits = torch.tensor(widths)[torch.randint(0, len(widths), (rows,), generator=gen)]
-        packed = random_packed(bits, cols, 0.5 if two_four else 0.0, group_size, gen, two_four=two_four)
+        two_four = sparsity == "2:4"
+        packed = random_packed(bits, cols, 0.5 if two_four else sparsity, group_size, gen, two_four=two_four)
         module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
         x = torch.randn(batch, cols, generator=gen).half()
         y = packed_matmul(x.to(device), module).float().cpu()
         assert module.fixed_meta and module.kernel_meta is None, "should take the fixed-position kernel only"
+        assert module.fixed_meta["dense"] != two_four
         reference = x.float() @ dequantise(packed).float().T
         assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (rows, cols, widths)
 
 
-def test_unstructured_masks_do_not_take_the_fixed_position_kernel():
+def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():
     pytest.importorskip("triton")
     from sparsemix.kernels import fixed_meta
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(2)
     packed = random_packed(torch.full((16,), 4), 128, 0.5, 128, gen)
-    assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False)) is None
+    tensors = dict(packed.tensors, zero=packed.tensors["zero"] + 0.5)  # a pruned weight has no exact code
+    assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))["dense"]
+    assert fixed_meta(PackedLinear(packed.header(), tensors, bias=False)) is None

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packing import pack_bits, signed32, unpack_bits
+from .packing import pack_bits, per_column, signed32, unpack_bits
 
 CHUNK = 1024  # target columns per program: 4096 x 4096 -> 128 row blocks x 4 chunks = 512 programs
 BLOCK_R = 32  # rows per program
@@ -408,10 +408,13 @@ def _half_pairs(values: torch.Tensor) -> torch.Tensor:
 
 
 def fixed_meta(module) -> dict | None:
-    """The fixed-position kernel's arrangement of a PackedLinear whose code positions follow from
-    the column alone: dense (no mask; groups of 2 columns, 32-column tiles) or 2:4 (groups of 4
-    columns keeping 2, 64-column tiles). None for other masks, or columns or scale groups that are
-    not whole tiles.
+    """The fixed-position kernel's arrangement of a PackedLinear: 2:4 layers as 2:4 (groups of 4
+    columns keeping 2, 64-column tiles), every other layer as dense (groups of 2 columns, 32-column
+    tiles); a pruned weight of an unstructured mask becomes the code of its row's zero point, which
+    dequantises to exactly 0 (fp16 rows: +0), so the kernel reads 4 bits per column where the file
+    stores about 3 (50% kept at 4 bits plus the bitmask) but runs without ranks. None when the
+    columns or scale groups are not whole tiles, or a zero point is not a code (never from
+    ``quantizer``), leaving the layer to the general kernel.
 
     Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
     P padded rows in all. Per segment, codes int32 [tiles, W, padded rows]: word h of a tile holds
@@ -421,23 +424,32 @@ def fixed_meta(module) -> dict | None:
     2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
-    dense = "mask" not in packed.tensors
+    device = module.codes.device
+    kept = packed.kept()
+    groups4 = kept.view(rows, cols // 4, 4) if cols % 4 == 0 else None
+    dense = "mask" not in packed.tensors or groups4 is None or not bool((groups4.sum(-1) == 2).all())
     tile = 32 if dense else 64
     if cols % tile or (group_size != cols and group_size % tile):
         return None
-    device = module.codes.device
-    if not dense:
-        kept = packed.kept().view(rows, cols // 4, 4)
-        if not bool((kept.sum(-1) == 2).all()):
+    widths = packed.row_widths.to(device)
+    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols)[kept])
+    if dense and "mask" in packed.tensors:  # unstructured: pruned weights at their zero point's code
+        quantized = int((widths < 16).sum())
+        zero = per_column(packed.tensors["zero"], group_size, cols)
+        full = torch.zeros(rows, cols, dtype=torch.int64, device=device)
+        full[:quantized] = zero.round().to(torch.int64)
+        maxq = (1 << widths[:quantized].clamp(max=15).to(torch.int64)) - 1
+        if not bool(((zero == zero.round()) & (zero >= 0) & (zero <= maxq[:, None])).all()):
             return None
-        lower = kept.int().argmax(-1)
-        upper = 3 - kept.flip(-1).int().argmax(-1)
+        full[kept] = values
+        values = full
+    values = values.view(rows, -1)
+    if not dense:
+        lower = groups4.int().argmax(-1)
+        upper = 3 - groups4.flip(-1).int().argmax(-1)
         k = torch.arange(8, device=device)
         shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
         index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
-    widths = packed.row_widths.to(device)
-    per_row = cols if dense else cols // 2
-    values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, per_row).flatten()).view(rows, -1)
     tiles = cols // tile
     block_r, _ = fixed_shape(cols, tile)
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
