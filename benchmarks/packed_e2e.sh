@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8 on the real model, in one device call: compress with --save-packed (2:4, then dense =
-# quantisation only, both at 4.0 average bits), check the packed model against the fake-quantised
+# Issue 8 on the real model, in one device call: compress with --save-packed (2:4, dense =
+# quantisation only, unstructured 50%; all at 4.0 average bits), check the packed model against the fake-quantised
 # one (packed_check.py), and decode 64 greedy tokens with the packed model on the GPU (kernels) and
 # on the CPU (dequantised on load): the two texts must match.
 # Usage: bash benchmarks/packed_e2e.sh MODEL.gguf DATA_DIR OUT_DIR
@@ -9,7 +9,7 @@ model=$1 data=$2 out=$3
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 prompt="The capital of France is"
-for case in "2of4:--prunen 2 --prunem 4" "dense:--sparsity 0"; do
+for case in "2of4:--prunen 2 --prunem 4" "dense:--sparsity 0" "unstructured:--sparsity 0.5"; do
   name=${case%%:*} flags=${case#*:}
   work=$(mktemp -d)
   # shellcheck disable=SC2086
