@@ -166,13 +166,14 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
-# --- dense and 2:4 layers, one token per launch -----------------------------------------------------
-# Without a mask, or when every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning),
-# a row's k-th code belongs to column k (dense) or to column group k // 2 (2:4): code positions are
-# fixed and the kernel needs no popcounts. ``fixed_meta`` rearranges such a layer (the file's bytes,
-# plus padding rows) so that the hot loop is fp16x2 arithmetic on CUDA cores, about 11 SASS
-# instructions per 2:4 group of 4 columns (``benchmarks/kernel_sass.py``; the bitmask kernel above
-# takes about 22 per column). A group is 2 consecutive columns (dense) or 4 columns keeping 2 (2:4):
+# --- the fixed-position kernel: 2:4, dense and unstructured layers, one launch per batch ---------------
+# When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning) a row's k-th code
+# belongs to column group k // 2; without a mask, to column k. Unstructured masks are made dense at
+# load (a pruned weight coded at its row's zero point, which dequantises to exactly 0). Code positions
+# are then fixed and the kernel needs no ranks. ``fixed_meta`` rearranges the layer so that the hot
+# loop is fp16x2 arithmetic on CUDA cores, about 11 SASS instructions per 2:4 group of 4 columns
+# (``benchmarks/kernel_sass.py``; the general kernel above takes about 22 per column). A group is
+# 2 consecutive columns (dense) or 4 columns keeping 2 (2:4):
 #
 # * a group's two codes sit at the same bits of the two halves of one 32-bit word (a tile's first
 #   codes in the low halves, second codes in the high halves), so one shift and one LOP3 give both as
@@ -186,7 +187,8 @@ def _packed_matmul_kernel(
 #
 # Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles (16 groups) k, k + SPLIT, ... of
 # row r; rows are padded to runs of 16 so a thread loads 4 rows with 128-bit loads and shares its x
-# loads between them; the program sums its rows over the tiles itself: one launch, no atomics.
+# loads between them; the program sums its rows over the tiles itself: no atomics. Each decoded
+# weight serves up to TOKENS_PER_PASS tokens; larger batches make more passes in the same launch.
 
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
