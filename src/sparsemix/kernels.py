@@ -289,7 +289,7 @@ def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
-                 row0, count, code_base, index_base, rows16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
+                 row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                  W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
     """Padded rows row0.. (``count`` real, all of width W) times all columns, for B tokens, into
@@ -297,8 +297,8 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
     QUANT: tl.constexpr = W < 16
     TILE_COLS: tl.constexpr = 32 if DENSE else 64  # 16 groups of 2 or 4 columns
     rows = row0 + tl.arange(0, BLOCK_R)[None, :]
-    lanes = tl.arange(0, BLOCK_R)[None, :]
-    inside = lanes < rows16  # the block's rows, in whole 16-row runs (the rest of a last block is not read)
+    local = rows - seg_row0
+    inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     split = tl.arange(0, SPLIT)[:, None]
     n_tiles = K // TILE_COLS
     if not GROUPED:  # one grid per row
@@ -318,13 +318,12 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                 zz = tl.load(zz_ptr + g * P + rows, mask=inside, other=0)
                 s = tl.load(scale_ptr + g * P + rows, mask=inside, other=0)
             if not DENSE:
-                pairs = index_ptr + index_base + (2 * t) * BLOCK_R + lanes  # the tile's 2 index words per row
-                m0 = tl.load(pairs, mask=inside, other=0).to(tl.uint32, bitcast=True)
-                m1 = tl.load(pairs + BLOCK_R, mask=inside, other=0).to(tl.uint32, bitcast=True)
-            words = codes_ptr + code_base + t * (W * BLOCK_R) + lanes  # the block's words are contiguous
+                m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+                m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
+            words = codes_ptr + word_base + t * W * seg_rows + local
             tile_words = ()  # the tile's W code words, each loaded once
             for h in tl.static_range(W):
-                tile_words = tile_words + (tl.load(words + h * BLOCK_R, mask=inside, other=0).to(tl.uint32, bitcast=True),)
+                tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
             parts = ()  # fp16 pair sums of 4 groups, one per token
             for j in tl.static_range(BT):
                 parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
@@ -379,14 +378,14 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale
     the program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
     entry = table_ptr + tl.program_id(0) * 6
     row0, count, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
-    code_base, index_base, rows16 = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
-    row0, rows16 = tl.multiple_of(row0, 16), tl.multiple_of(rows16, 16)  # PAD_ROWS
-    code_base, index_base = tl.multiple_of(code_base, 16), tl.multiple_of(index_base, 16)
+    word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
+    row0, word_base = tl.multiple_of(row0, 16), tl.multiple_of(word_base, 16)  # PAD_ROWS
+    seg_row0, seg_rows = tl.multiple_of(seg_row0, 16), tl.multiple_of(seg_rows, 16)
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
             if width == w:
-                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count, code_base,
-                             index_base, rows16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R,
+                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count, word_base,
+                             seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R,
                              SPLIT, EVEN, BT, USE_ASM)
 
 
@@ -420,14 +419,11 @@ def fixed_meta(module) -> dict | None:
     ``quantizer``), leaving the layer to the general kernel.
 
     Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
-    P padded rows in all; a program takes BLOCK_R rows of one segment (``fixed_shape``). Codes are
-    int32 [block, tile, W, BLOCK_R], each program's words contiguous: word h of a tile holds bits
-    16h.. of the stream of its 16 groups' first codes (W bits each) in its low half and of their
-    second codes in its high half. 2:4 ``index`` int32 [block, 2 tiles, BLOCK_R]: word j of a tile
-    has, for groups 8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and
-    the upper at bits 2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16
-    pairs [groups, P]. Table rows: (first padded row, rows, width, code base, index base, rows
-    rounded up to PAD_ROWS)."""
+    P padded rows in all. Per segment, codes int32 [tiles, W, padded rows]: word h of a tile holds
+    bits 16h.. of the stream of its 16 groups' first codes (W bits each) in its low half and of their
+    second codes in its high half. 2:4 ``index`` int32 [2 tiles, P]: word j of a tile has, for groups
+    8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper at bits
+    2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     device = module.codes.device
@@ -461,37 +457,32 @@ def fixed_meta(module) -> dict | None:
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
     total = sum(padded)
     groups = -(-cols // group_size)
+    index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
     one, magic = torch.ones(1, dtype=torch.float16), torch.full((1,), 1024.0, dtype=torch.float16)
     scale = _half_pairs(one.to(device).expand(groups, total))
     zz = _half_pairs(magic.to(device).expand(groups, total))  # padding rows: weights (c - 0) * 1 of codes 0
     perm = torch.zeros(total, dtype=torch.int32, device=device)
-    codes, indexes, table, code_base, index_base, seg_row, pad_row = [], [], [], 0, 0, 0, 0
+    parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
-        blocks = -(-n // block_r)
         planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
         halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
-        words = torch.stack([halves[0], halves[1]], -1).view(torch.int32).squeeze(-1)  # [n, tiles, W]
-        words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, blocks * block_r - n))
-        codes.append(words.view(blocks, block_r, tiles, width).permute(0, 2, 3, 1).flatten())
+        codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
+        codes[:, :, :n] = torch.stack([halves[0], halves[1]], -1).view(torch.int32).squeeze(-1).permute(1, 2, 0)
+        parts.append(codes.flatten())
         if not dense:
-            pairs = torch.nn.functional.pad(signed32(index[seg].flatten(1)), (0, 0, 0, blocks * block_r - n))
-            indexes.append(pairs.view(blocks, block_r, 2 * tiles).permute(0, 2, 1).flatten())
+            index_words[:, real] = signed32(index[seg].flatten(1)).T
         perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
             scale[:, real] = _half_pairs(packed.tensors["scale"][seg].T)
             zz[:, real] = _half_pairs(1024 + packed.tensors["zero"][seg].T)
-        for b in range(blocks):
-            count = min(block_r, n - b * block_r)
-            table.append([pad_row + b * block_r, count, width, code_base + b * tiles * width * block_r,
-                          index_base + b * 2 * tiles * block_r, -(-count // PAD_ROWS) * PAD_ROWS])
-        code_base += blocks * tiles * width * block_r
-        index_base += blocks * 2 * tiles * block_r if not dense else 0
+        table += [[r, min(block_r, pad_row + n - r), width, base, pad_row, n_pad]
+                  for r in range(pad_row, pad_row + n, block_r)]
+        base += codes.numel()
         seg_row += n
         pad_row += n_pad
-    assert code_base < INT32_MAX and index_base < INT32_MAX, "offsets need int32"
-    index_words = torch.cat(indexes) if indexes else torch.zeros(1, dtype=torch.int32, device=device)
-    return {"codes": torch.cat(codes), "index": index_words, "table": torch.tensor(table, dtype=torch.int32, device=device),
+    assert base < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
+    return {"codes": torch.cat(parts), "index": index_words, "table": torch.tensor(table, dtype=torch.int32, device=device),
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
             "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile}
 
