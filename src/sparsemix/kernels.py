@@ -1,7 +1,8 @@
 """Triton kernels for y = x W^T with W in the packed format (``packing.py``), for decode batches.
 
-``packed_matmul`` sends dense and 2:4 layers to the fixed-position kernel (fp16x2 arithmetic, see
-"dense and 2:4 layers" below) and layers with any other mask to the general kernel described here.
+``packed_matmul`` sends layers whose columns are whole 32-column tiles to the fixed-position kernel
+(fp16x2 arithmetic, see "the fixed-position kernel" below) and the rest to the general kernel
+described here.
 
 Layouts the general kernel reads (built once per linear by ``kernel_meta``; bytes within a few words
 per width segment of the file's):
@@ -324,10 +325,11 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
             tile_words = ()  # the tile's W code words, each loaded once
             for h in tl.static_range(W):
                 tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
-            parts = ()  # fp16 pair sums of 4 groups, one per token
-            for j in tl.static_range(BT):
-                parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
             for grp in tl.static_range(16):
+                if grp % 4 == 0:  # fp16 pair sums of 4 groups (8 products), one per token
+                    parts = ()
+                    for j in tl.static_range(BT):
+                        parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
                 if DENSE:
                     index = tile_words[0]  # unused
                 elif grp < 8:
@@ -352,14 +354,11 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                         xb = (xg >> 32).to(tl.int32)
                     updated = updated + (_dot(index, xa, xb, w, parts[j], (grp % 8) >= 4, DENSE, USE_ASM),)
                 parts = updated
-                if grp % 4 == 3:  # 4 groups (8 products) in fp16 pairs, then into fp32
+                if grp % 4 == 3:  # the 4 groups' fp16 pair sums into fp32
                     flushed = ()
                     for j in tl.static_range(BT):
                         flushed = flushed + (_flush(accs[j], parts[j], USE_ASM),)
                     accs = flushed
-                    parts = ()
-                    for j in tl.static_range(BT):
-                        parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
         out = row0 + tl.arange(0, BLOCK_R)
         real = tl.arange(0, BLOCK_R) < count
         target = tl.load(perm_ptr + out, mask=real, other=0)
@@ -404,9 +403,9 @@ def fixed_shape(cols: int, tile: int) -> tuple[int, int]:
     return max(FIXED_ELEMENTS // split, PAD_ROWS), split
 
 
-def _half_pairs(values: torch.Tensor) -> torch.Tensor:
-    """fp16 [..., n] -> int32 [..., n]: each value twice, as an fp16 pair."""
-    return torch.stack([values, values], -1).view(torch.int32).squeeze(-1)
+def _pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Two 16-bit tensors [..., n] -> int32 [..., n] holding ``low`` in the low half, ``high`` in the high."""
+    return torch.stack([low, high], -1).view(torch.int32).squeeze(-1)
 
 
 def fixed_meta(module) -> dict | None:
@@ -440,7 +439,7 @@ def fixed_meta(module) -> dict | None:
         zero = per_column(packed.tensors["zero"], group_size, cols)
         full = torch.zeros(rows, cols, dtype=torch.int64, device=device)
         full[:quantized] = zero.round().to(torch.int64)
-        maxq = (1 << widths[:quantized].clamp(max=15).to(torch.int64)) - 1
+        maxq = (1 << widths[:quantized].to(torch.int64)) - 1
         if not bool(((zero == zero.round()) & (zero >= 0) & (zero <= maxq[:, None])).all()):
             return None
         full[kept] = values
@@ -458,9 +457,8 @@ def fixed_meta(module) -> dict | None:
     total = sum(padded)
     groups = -(-cols // group_size)
     index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
-    one, magic = torch.ones(1, dtype=torch.float16), torch.full((1,), 1024.0, dtype=torch.float16)
-    scale = _half_pairs(one.to(device).expand(groups, total))
-    zz = _half_pairs(magic.to(device).expand(groups, total))  # padding rows: weights (c - 0) * 1 of codes 0
+    one = torch.ones(groups, total, dtype=torch.float16, device=device)
+    scale, zz = _pairs(one, one), _pairs(1024 * one, 1024 * one)  # padding rows: weights (c - 0) * 1 of codes 0
     perm = torch.zeros(total, dtype=torch.int32, device=device)
     parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
@@ -468,14 +466,14 @@ def fixed_meta(module) -> dict | None:
         planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
         halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
         codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
-        codes[:, :, :n] = torch.stack([halves[0], halves[1]], -1).view(torch.int32).squeeze(-1).permute(1, 2, 0)
+        codes[:, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
         parts.append(codes.flatten())
         if not dense:
             index_words[:, real] = signed32(index[seg].flatten(1)).T
         perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
-            scale[:, real] = _half_pairs(packed.tensors["scale"][seg].T)
-            zz[:, real] = _half_pairs(1024 + packed.tensors["zero"][seg].T)
+            grid_scale, grid_zz = packed.tensors["scale"][seg].T, 1024 + packed.tensors["zero"][seg].T
+            scale[:, real], zz[:, real] = _pairs(grid_scale, grid_scale), _pairs(grid_zz, grid_zz)
         table += [[r, min(block_r, pad_row + n - r), width, base, pad_row, n_pad]
                   for r in range(pad_row, pad_row + n, block_r)]
         base += codes.numel()
@@ -593,9 +591,9 @@ ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats t
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
-    Dense and 2:4 layers take the fixed-position kernel, one launch for the batch (4.6 µs at batch 1
-    for a 4-bit 2:4 4096 x 4096 layer on an H100); layers with other masks the general kernel, once
-    per token up to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
+    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (4.6 µs
+    at batch 1 for a 4-bit 2:4 4096 x 4096 layer on an H100); the rest the general kernel, once per
+    token for 2 to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
@@ -605,7 +603,7 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
         module.fixed_meta = fixed_meta(module) or {}
     if module.fixed_meta:
         y = _fixed_matmul(flat, module.fixed_meta, rows, cols, header["group_size"])
-    elif batch <= ROW_BY_ROW:
+    elif 1 < batch <= ROW_BY_ROW:
         y = torch.cat([_general_matmul(token, module) for token in flat.split(1)])
     else:
         y = _general_matmul(flat, module)
