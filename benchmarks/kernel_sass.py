@@ -47,19 +47,20 @@ def _loop(ins: list[tuple[int, str]]) -> int:
 
 
 def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 4096) -> dict:
-    """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_shape`` picks for
-    ``cols`` columns, ``tokens`` per pass; per weight = per column position (kept or pruned)."""
+    """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_config`` picks for
+    4096 rows and ``cols`` columns, ``tokens`` per pass; per weight = per column position (kept or pruned)."""
     tile = 32 if dense else 64
-    block_r, split = kernels.fixed_shape(cols, tile)
-    names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "table_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
-             "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
-    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 6 + ["i32"] * 5
+    config = kernels.fixed_config(4096, cols, tile, sms=132, batch=tokens)  # an H100's choice for 4096 rows
+    block_r, split = config.rows, config.split
+    names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
+             "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
+    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
                  BT=tokens, USE_ASM=True, **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
-    body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, kernels.FIXED_WARPS, aligned=9))
-    elements_per_thread = block_r * split / (32 * kernels.FIXED_WARPS)
+    body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
+    elements_per_thread = block_r * split / (32 * config.warps)
     return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,
             "per_weight": round(body / (tile * elements_per_thread), 1)}
 

@@ -3,14 +3,15 @@
     PYTHONPATH=src python benchmarks/packed_matvec.py --device cuda [--shapes 4096x4096] [--bits 4] [--batch 1]
 
 Cases: shapes (out x in) 4096x4096, 4096x11008, 11008x4096; average code bits 3, 4, 5 (random
-per-row mixes of 2/3/4/6/8 around the mean); sparsity 0.5 (bitmask) and 0 (dense); batch 1, 4, 16.
+per-row mixes of 2/3/4/6/8 around the mean); sparsity 0.5 (bitmask), 2:4 and 0 (dense); batch 1, 4, 16.
 Each line: fp16 and kernel µs (CUDA graphs, so launch overhead does not count), speedup, bytes the
-kernel reads, achieved GB/s, the device's peak (table) and measured copy bandwidth, and the max
-|error| against dequantise-then-matmul. Times are given twice: ``*_us`` repeat one layer, whose
-weights may then stay in the L2 cache (50 MB on an H100); ``cold_*`` cycle through enough copies of
-the layer (at least 4x the L2 in all) that each call reads its weights from DRAM, as decoding a whole
-model does. Issue 8's target (H100, batch 1, 4 bits): >= 2.5x fp16
-and >= 60% of peak bandwidth.
+kernel reads, achieved GB/s, the device's peak (table) and measured copy bandwidth, the max |error|
+against dequantise-then-matmul, and the kernel's launch shape. Times are given twice: ``*_us`` repeat
+one layer, whose weights may then stay in the L2 cache (50 MB on an H100); ``cold_*`` cycle through
+enough copies of the layer (at least 4x the L2 in all) that each call reads its weights from DRAM, as
+decoding a whole model does. For reference, ``cold_read_us`` is a plain streaming read of the kernel's
+bytes from DRAM and ``launch_us`` one launch of that read on one block. Issue 8's target (H100, batch
+1, 4 bits): >= 2.5x fp16 and >= 60% of peak bandwidth.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import copy
 import json
 
 import torch
+import triton
+import triton.language as tl
 
 from sparsemix.packing import dequantise, random_packed
 
@@ -102,6 +105,30 @@ def _cold_us(fn, operands: list) -> float:
     return do_bench_cudagraph(lambda: [fn(op) for op in operands]) * 1e3 / len(operands)
 
 
+READ_BLOCK = 4096  # int32 words per program of the reference read
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr):
+    """Sum BLOCK int32 words per program: a plain streaming read, the reference for the kernel's bytes."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offsets, mask=offsets < n, other=0), 0))
+
+
+def read_reference(nbytes: int, device: str) -> dict:
+    """µs to read ``nbytes`` with ``_read_kernel`` from DRAM (cycling through copies, like the cold
+    timings) and to launch it on one block: what any kernel reading these bytes pays at least."""
+    from triton.testing import do_bench_cudagraph
+
+    words = -(-nbytes // 4)
+    programs = -(-words // READ_BLOCK)
+    copies = [torch.ones(words, dtype=torch.int32, device=device) for _ in range(-(-4 * L2_BYTES // nbytes))]
+    out = torch.empty(programs, dtype=torch.int32, device=device)
+    read_us = _cold_us(lambda src: _read_kernel[(programs,)](src, out, words, BLOCK=READ_BLOCK), copies)
+    launch_us = do_bench_cudagraph(lambda: _read_kernel[(1,)](copies[0], out, READ_BLOCK, BLOCK=READ_BLOCK)) * 1e3
+    return {"cold_read_us": read_us, "launch_us": launch_us}
+
+
 def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: int, peak, copy_bw) -> dict:
     from triton.testing import do_bench_cudagraph
 
@@ -119,6 +146,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     del dense
     cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), _copies(module, -(-4 * L2_BYTES // read)))
     achieved, cold_achieved = read / kernel_us / 1e3, read / cold_kernel_us / 1e3
+    reference = read_reference(read, x.device.type)
     return {"shape": [rows, cols], "mean_bits": mean_bits, "code_bits": float(bits.float().mean()),
             "sparsity": sparsity, "batch": batch, "fp16_us": dense_us, "kernel_us": kernel_us,
             "speedup": dense_us / kernel_us, "cold_fp16_us": cold_dense_us, "cold_kernel_us": cold_kernel_us,
@@ -126,7 +154,18 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
             "fp16_bytes": weight.numel() * 2,
             "achieved_gbps": achieved, "peak_gbps": peak, "fraction_of_peak": achieved / peak if peak else None,
             "cold_achieved_gbps": cold_achieved, "cold_fraction_of_peak": cold_achieved / peak if peak else None,
-            "copy_gbps": copy_bw, "max_abs_error": error}
+            **reference, "cold_read_fraction_of_peak": read / reference["cold_read_us"] / 1e3 / peak if peak else None,
+            "copy_gbps": copy_bw, "max_abs_error": error, "config": _config(module, batch)}
+
+
+def _config(module, batch: int) -> str:
+    """The fixed-position kernel's launch shape for ``batch`` tokens as ROWSxSPLITxWARPS, or "general"."""
+    from sparsemix.kernels import launch_config
+
+    if not module.fixed_meta:
+        return "general"
+    config = launch_config(module.fixed_meta, module.header["cols"], batch)
+    return f"{config.rows}x{config.split}x{config.warps}"
 
 
 def main() -> None:
@@ -157,17 +196,15 @@ def main() -> None:
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
     """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS
     config ((row, tile column) pairs per program, most tile columns side by side, warps)."""
-    from sparsemix import kernels
+    from sparsemix.kernels import PAD_ROWS, FixedConfig
 
-    module = built[0]
-    default = kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS
+    meta = built[0].fixed_meta
     for config in configs.split(","):
-        kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS = (int(v) for v in config.split("x"))
-        module.fixed_meta = kernels.fixed_meta(module)
+        elements, split, warps = (int(v) for v in config.split("x"))
+        meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps)
         result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
-        print(json.dumps({"gpu": name, "config": config, **result}), flush=True)
-    kernels.FIXED_ELEMENTS, kernels.FIXED_SPLIT, kernels.FIXED_WARPS = default
-    module.fixed_meta = kernels.fixed_meta(module)
+        print(json.dumps({"gpu": name, "tuned": config, **result}), flush=True)
+    meta["config"] = None
 
 
 if __name__ == "__main__":

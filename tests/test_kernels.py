@@ -75,6 +75,45 @@ def test_fixed_position_kernel_matches_dequantise_then_matmul():
         assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (rows, cols, widths)
 
 
+def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes():
+    """Rows per program, tiles side by side and warps change which program and thread take a
+    (row, tile) pair, never the product: ragged splits, programs spanning segments, batches."""
+    pytest.importorskip("triton")
+    from sparsemix.kernels import FixedConfig, packed_matmul
+    from sparsemix.packed import PackedLinear
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 3)):  # 5 tiles either way
+        bits = torch.tensor((2, 4, 6))[torch.randint(0, 3, (40,), generator=gen)]
+        two_four = sparsity == "2:4"
+        packed = random_packed(bits, cols, 0.5 if two_four else sparsity, cols, gen, two_four=two_four)
+        module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
+        x = torch.randn(batch, cols, generator=gen).half()
+        reference = x.float() @ dequantise(packed).float().T
+        packed_matmul(x.to(device), module)
+        for config in (FixedConfig(16, 2, 2), FixedConfig(32, 4, 4), FixedConfig(64, 8, 8)):
+            module.fixed_meta["config"] = config
+            y = packed_matmul(x.to(device), module).float().cpu()
+            assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
+
+
+def test_launch_shapes_fill_their_programs_exactly():
+    pytest.importorskip("triton")
+    from sparsemix.kernels import PAD_ROWS, fixed_config
+
+    for rows in (16, 576, 4096, 11008, 28672):
+        for cols, tile in ((64, 64), (576, 64), (4096, 32), (11008, 64), (11008, 32)):
+            for batch in (1, 2, 16):
+                config = fixed_config(rows, cols, tile, 132, batch)
+                pairs = config.rows * config.split // (32 * config.warps)
+                assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
+                assert config.split <= max(cols // tile, 1) * 2  # never more than twice the tiles there are
+                assert pairs == (2 if batch == 1 else 4) or config.rows == PAD_ROWS, (rows, cols, batch, config)
+    assert fixed_config(4096, 4096, 64, 132, 1).warps == 16  # 256 programs of 16 rows: wide ones
+    assert fixed_config(11008, 4096, 64, 132, 1).warps == 8  # 688 programs: more of them in flight
+
+
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():
     pytest.importorskip("triton")
     from sparsemix.kernels import fixed_meta

@@ -32,6 +32,7 @@ Imported only when a CUDA input (or ``TRITON_INTERPRET=1`` test) needs it: CPU i
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -290,16 +291,20 @@ def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
-                 row0, count, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
+                 row0, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                  W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
-    """Padded rows row0.. (``count`` real, all of width W) times all columns, for B tokens, into
-    y[token, perm[row]]; BT tokens per pass over the weights (each weight decoded once per pass)."""
+    """Padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
+    (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
+    once per pass)."""
     QUANT: tl.constexpr = W < 16
     TILE_COLS: tl.constexpr = 32 if DENSE else 64  # 16 groups of 2 or 4 columns
-    rows = row0 + tl.arange(0, BLOCK_R)[None, :]
+    out = row0 + tl.arange(0, BLOCK_R)
+    ours = out - seg_row0 < seg_rows  # a segment's last block may reach past it: whole padded runs masked
+    target = tl.load(perm_ptr + out, mask=ours, other=-1)  # loaded first: its latency hides behind the loop
+    rows = out[None, :]
     local = rows - seg_row0
-    inside = local < seg_rows  # a segment's last block may reach past it: whole padded runs masked
+    inside = local < seg_rows
     split = tl.arange(0, SPLIT)[:, None]
     n_tiles = K // TILE_COLS
     if not GROUPED:  # one grid per row
@@ -359,48 +364,84 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                     for j in tl.static_range(BT):
                         flushed = flushed + (_flush(accs[j], parts[j], USE_ASM),)
                     accs = flushed
-        out = row0 + tl.arange(0, BLOCK_R)
-        real = tl.arange(0, BLOCK_R) < count
-        target = tl.load(perm_ptr + out, mask=real, other=0)
         for j in tl.static_range(BT):
             y = tl.sum(accs[j], axis=0)
-            token_ok = real & (out * 0 + b0 + j < B)
+            token_ok = (target >= 0) & (out * 0 + b0 + j < B)
             tl.store(y_ptr + (b0 + j) * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=token_ok)
 
 
 @triton.jit
-def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, table_ptr, perm_ptr, scale_ptr, zz_ptr, P, K, GROUP_SIZE,
-                  B, X_STRIDE, Y_STRIDE, PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr,
-                  BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr,
-                  USE_ASM: tl.constexpr):
-    """One program: the row block table[pid] (one width) over all columns and all B tokens, summed in
-    the program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch)."""
-    entry = table_ptr + tl.program_id(0) * 6
-    row0, count, width = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
-    word_base, seg_row0, seg_rows = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 5)
-    row0, word_base = tl.multiple_of(row0, 16), tl.multiple_of(word_base, 16)  # PAD_ROWS
-    seg_row0, seg_rows = tl.multiple_of(seg_row0, 16), tl.multiple_of(seg_rows, 16)
+def _segment_rows(W: tl.constexpr, ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16):
+    """The padded row count of width W's segment, among the kernel's arguments."""
+    if W == 2:
+        return ROWS_2
+    elif W == 3:
+        return ROWS_3
+    elif W == 4:
+        return ROWS_4
+    elif W == 6:
+        return ROWS_6
+    elif W == 8:
+        return ROWS_8
+    else:
+        return ROWS_16
+
+
+@triton.jit
+def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
+                  ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
+                  PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
+    """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
+    program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch).
+    Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
+    rows from these arguments alone, with no table to load before its first weight load."""
+    TILE_COLS: tl.constexpr = 32 if DENSE else 64
+    pid = tl.program_id(0)
+    first, seg_row0, word_base = 0, 0, 0  # the segment's first program, padded row and code word
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
-            if width == w:
-                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, count, word_base,
-                             seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R,
-                             SPLIT, EVEN, BT, USE_ASM)
+            seg_rows = _segment_rows(w, ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16)
+            programs = tl.cdiv(seg_rows, BLOCK_R)
+            if (pid >= first) & (pid < first + programs):
+                row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
+                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
+                             tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
+                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM)
+            first += programs
+            seg_row0 += seg_rows
+            word_base += (K // TILE_COLS) * w * seg_rows
 
 
-# (row, tile column) pairs per program, warps, most tile columns per row walked side by side: 4 pairs
-# per thread (4 rows sharing their x loads). From sweeps on an H100 (benchmarks/results-h100-matvec
-# 7-tune, 8-tune, 9-probe): within 8% of the best configuration on each benchmark shape.
-FIXED_ELEMENTS = 1024
-FIXED_WARPS = 8
-FIXED_SPLIT = 64
+@dataclass(frozen=True)
+class FixedConfig:
+    """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
+    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program."""
+    rows: int
+    split: int
+    warps: int
 
 
-def fixed_shape(cols: int, tile: int) -> tuple[int, int]:
-    """(rows per program, a multiple of PAD_ROWS; tiles walked side by side) for ``cols`` columns in
-    tiles of ``tile`` columns."""
-    split = min(triton.next_power_of_2(cols // tile), FIXED_SPLIT)
-    return max(FIXED_ELEMENTS // split, PAD_ROWS), split
+def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> FixedConfig:
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows and ``cols`` columns in
+    tiles of ``tile`` columns, on a GPU of ``sms`` multiprocessors. Batch 1 reads its weights from DRAM
+    at best with 2 (row, tile) pairs per thread (fewer registers, more programs in flight) and 16 warps
+    while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the tiles side by
+    side. Larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing each x load,
+    8 warps. From sweeps on an H100 (benchmarks/results-h100-matvec17-*.jsonl): at batch 1 the fastest
+    of six shapes from DRAM, or within 1% of it, on each benchmark layer."""
+    if batch > 1:
+        pairs, warps = 4, 8
+    else:
+        pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
+    elements = pairs * 32 * warps
+    split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
+    return FixedConfig(max(elements // split, PAD_ROWS), split, warps)
+
+
+def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
+    """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
+    return meta["config"] or fixed_config(meta["padded_rows"], cols, meta["tile"], meta["sms"], batch)
 
 
 def _pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -432,6 +473,9 @@ def fixed_meta(module) -> dict | None:
     tile = 32 if dense else 64
     if cols % tile or (group_size != cols and group_size % tile):
         return None
+    assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
+    if not set(packed.widths) <= set(WIDTHS):
+        return None
     widths = packed.row_widths.to(device)
     values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols)[kept])
     if dense and "mask" in packed.tensors:  # unstructured: pruned weights at their zero point's code
@@ -452,15 +496,14 @@ def fixed_meta(module) -> dict | None:
         shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
         index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
     tiles = cols // tile
-    block_r, _ = fixed_shape(cols, tile)
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
     total = sum(padded)
     groups = -(-cols // group_size)
     index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
     one = torch.ones(groups, total, dtype=torch.float16, device=device)
     scale, zz = _pairs(one, one), _pairs(1024 * one, 1024 * one)  # padding rows: weights (c - 0) * 1 of codes 0
-    perm = torch.zeros(total, dtype=torch.int32, device=device)
-    parts, table, base, seg_row, pad_row = [], [], 0, 0, 0
+    perm = torch.full((total,), -1, dtype=torch.int32, device=device)  # padding rows: not stored
+    parts, seg_row, pad_row = [], 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
         planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
@@ -474,15 +517,16 @@ def fixed_meta(module) -> dict | None:
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
             grid_scale, grid_zz = packed.tensors["scale"][seg].T, 1024 + packed.tensors["zero"][seg].T
             scale[:, real], zz[:, real] = _pairs(grid_scale, grid_scale), _pairs(grid_zz, grid_zz)
-        table += [[r, min(block_r, pad_row + n - r), width, base, pad_row, n_pad]
-                  for r in range(pad_row, pad_row + n, block_r)]
-        base += codes.numel()
         seg_row += n
         pad_row += n_pad
-    assert base < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
-    return {"codes": torch.cat(parts), "index": index_words, "table": torch.tensor(table, dtype=torch.int32, device=device),
+    codes = torch.cat(parts)
+    assert codes.numel() < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
+    segment_rows = dict(zip(packed.widths, padded))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
-            "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile}
+            "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile,
+            "sms": sms, "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
 TOKENS_PER_PASS = 4  # tokens sharing each decoded weight; more would spill registers
@@ -493,14 +537,15 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     the weights read once per TOKENS_PER_PASS tokens."""
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
-    block_r, split = fixed_shape(cols, meta["tile"])
+    config = launch_config(meta, cols, batch)
     words = x.view(torch.int32 if meta["dense"] else torch.int64)
-    _fixed_kernel[(meta["table"].shape[0],)](
-        words, y, meta["codes"], meta["index"], meta["table"], meta["perm"], meta["scale"], meta["zero"],
+    programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
+    _fixed_kernel[(programs,)](
+        words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["padded_rows"], cols, group_size, batch, words.shape[1], rows,
-        PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=block_r, SPLIT=split,
-        EVEN=(cols // meta["tile"]) % split == 0, BT=min(batch, TOKENS_PER_PASS), USE_ASM=not _interpreted(),
-        num_warps=FIXED_WARPS,
+        PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
+        SPLIT=config.split, EVEN=(cols // meta["tile"]) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
+        USE_ASM=not _interpreted(), num_warps=config.warps,
     )
     return y
 
