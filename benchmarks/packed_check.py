@@ -35,7 +35,7 @@ def main() -> None:
     for name, module in packed.named_modules():
         if isinstance(module, PackedLinear):
             weight = dequantise(module.packed()).to(reference[name].weight.dtype).cpu()
-            worst = max(worst, float((weight - reference[name].weight).abs().max()))
+            worst = max(worst, float((weight - reference[name].weight.detach()).abs().max()))
     windows = eval_windows(args.corpus, tokenizer, 2048, args.data_dir)
     figures = {}
     for label, model in (("fake_quantised", saved.to(args.device)), ("packed", packed)):
