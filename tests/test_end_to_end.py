@@ -21,9 +21,10 @@ FAMILIES = ["opt", "llama"]
 def plain_perplexity(model, windows):
     """exp(mean token NLL) from one plain forward per window: the reference."""
     nll = []
-    for window in windows:
-        logits = model(window[None]).logits[0, :-1]
-        nll.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
+    with torch.no_grad():
+        for window in windows:
+            logits = model(window[None]).logits[0, :-1]
+            nll.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
     return float(torch.cat(nll).mean().exp())
 
 
