@@ -31,6 +31,7 @@ Imported only when a CUDA input (or ``TRITON_INTERPRET=1`` test) needs it: CPU i
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -423,6 +424,7 @@ class FixedConfig:
     warps: int
 
 
+@functools.cache  # called on every launch: a dictionary lookup after the first
 def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> FixedConfig:
     """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows and ``cols`` columns in
     tiles of ``tile`` columns, on a GPU of ``sms`` multiprocessors. Batch 1 reads its weights from DRAM
