@@ -3,14 +3,15 @@
 # quantisation only, unstructured 50%; all at 4.0 average bits), check the packed model against the fake-quantised
 # one (packed_check.py), and decode 64 greedy tokens with the packed model on the GPU (kernels) and
 # on the CPU (dequantised on load): the two texts must match.
-# Usage: bash benchmarks/packed_e2e.sh MODEL.gguf DATA_DIR OUT_DIR
+# Usage: bash benchmarks/packed_e2e.sh MODEL.gguf DATA_DIR OUT_DIR [CASES]   (CASES: e.g. "2of4 dense")
 set -euo pipefail
-model=$1 data=$2 out=$3
+model=$1 data=$2 out=$3 only=${4:-"2of4 dense unstructured"}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 prompt="The capital of France is"
 for case in "2of4:--prunen 2 --prunem 4" "dense:--sparsity 0" "unstructured:--sparsity 0.5"; do
   name=${case%%:*} flags=${case#*:}
+  [[ " $only " == *" $name "* ]] || continue
   work=$(mktemp -d)
   # shellcheck disable=SC2086
   python3 -m sparsemix.cli compress "$model" --data-dir "$data" $flags --bit-method budget --target-avg-bits 4.0 \

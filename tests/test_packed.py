@@ -1,4 +1,5 @@
 """Export, load and generate with the packed format on tiny models, through the CLI as a user would."""
+import inspect
 import json
 import shutil
 
@@ -7,10 +8,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_end_to_end import sparsemix
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from sparsemix.config import ConfigError
-from sparsemix.packed import PACKED_FILE, ExportError, PackedLinear, export_packed, generate, load_packed
+from sparsemix.packed import (PACKED_FILE, ExportError, PackedLinear, export_packed, generate, greedy_static,
+                              load_packed)
 
 RUNS = {  # family -> compress options: mixed widths with a bitmask; 2:4 with groups and biases (OPT)
     "llama": ["--sparsity", "0.5", "--bit-method", "budget", "--target-avg-bits", "3.5"],
@@ -69,6 +71,32 @@ def test_generate_speaks_like_the_fake_quantised_model(saved):
     assert proc.returncode == 0, proc.stderr
     text, figures = proc.stdout.strip().splitlines()[-2:]
     assert text.startswith("The city of") and json.loads(figures)["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("family", list(RUNS))
+def test_static_cache_decoding_matches_generate(family, saved):
+    """The decode loop a CUDA graph captures on the GPU, run eagerly: the tokens of model.generate, and
+    in its cache the keys and values a plain forward over the same tokens computes, slot by slot."""
+    from transformers import StaticCache
+
+    _, packed, _ = saved[family]
+    model, tokenizer = load_packed(packed)
+    ids = tokenizer("The city of the river and the", return_tensors="pt").input_ids
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 8)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+        new, how = greedy_static(model, ids, 8, graph=False, cache=cache)
+        assert new == expected and how == "static cache, eager steps"
+        fed = torch.cat([ids, torch.tensor([new[:-1]])], 1)  # the last token is never fed back
+        reference = DynamicCache(config=model.config)
+        model(fed, **{name: reference for name in ("cache", "past_key_values")
+                      if name in inspect.signature(model.forward).parameters})
+    n = fed.shape[1]
+    for layer, expected_layer in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(layer.keys[:, :, :n], expected_layer.keys)
+        torch.testing.assert_close(layer.values[:, :, :n], expected_layer.values)
+        assert not layer.keys[:, :, n:].any()  # nothing written past the last token fed
 
 
 def test_export_refuses_what_it_cannot_pack_exactly(saved, tmp_path):

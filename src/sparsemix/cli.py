@@ -293,7 +293,7 @@ def _packed_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     result = packed.generate(args.result_dir, args.prompt, args.max_new_tokens, device)
     print(result["text"])
-    print(json.dumps({key: result[key] for key in ("new_tokens", "seconds", "tokens_per_second", "warmup_seconds")}))
+    print(json.dumps({key: result[key] for key in ("new_tokens", "seconds", "tokens_per_second", "warmup_seconds", "decoder")}))
     return 0
 
 

@@ -6,6 +6,7 @@ The file's metadata key ``sparsemix`` is JSON: {"format", "version", "linears": 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -176,24 +177,71 @@ def load_packed(directory: str | os.PathLike, device: str = "cpu"):
     return model, AutoTokenizer.from_pretrained(path.parent)
 
 
+def greedy_static(model, ids: torch.Tensor, max_new_tokens: int, graph: bool, cache=None) -> tuple[list[int], str]:
+    """Greedy decoding of ``ids`` [1, prompt] with a static KV cache -> (the new token ids, stopping after
+    an end-of-sequence token as ``model.generate`` does; how the steps ran). The prompt runs once, then
+    one step per token at a fixed shape; the cache's own device-side length places each token, so with
+    ``graph`` (CUDA) the step is captured once as a CUDA graph after one eager step and replayed: a token
+    costs one launch from Python instead of one per kernel (hundreds for a 135M model). A model whose
+    step cannot be captured runs its steps eagerly. ``cache``: an empty transformers StaticCache of at
+    least prompt + max_new_tokens positions (made when None); it ends holding every token fed."""
+    from transformers import StaticCache
+
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40)
+    cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    token = model(ids, **cache).logits[:, -1:].argmax(-1)  # [1, 1]
+    step_token = token.clone()
+
+    def step() -> torch.Tensor:
+        return model(step_token, **cache).logits[:, -1:].argmax(-1)
+
+    tokens, run, how = [token], step, "static cache, eager steps"
+    for i in range(1, max_new_tokens):
+        step_token.copy_(tokens[-1])
+        tokens.append(run().clone())
+        if graph and i == 1 and max_new_tokens > 2:  # the eager step above compiled and warmed every kernel
+            captured = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(captured):
+                    graph_token = step()
+            except RuntimeError as error:  # e.g. a model that reads its cache length on the host
+                how = f"static cache, eager steps (CUDA graph capture failed: {str(error).splitlines()[0]})"
+            else:
+                run, how = (lambda: captured.replay() or graph_token), "static cache, CUDA graph steps"
+    new = torch.cat(tokens, 1)[0].tolist()  # the loop's only host sync
+    eos = model.generation_config.eos_token_id
+    ends = {eos} if isinstance(eos, int) else set(eos or ())
+    stop = next((i for i, t in enumerate(new) if t in ends), None)
+    return (new if stop is None else new[:stop + 1]), how
+
+
 def generate(directory: str | os.PathLike, prompt: str, max_new_tokens: int = 32, device: str = "cpu") -> dict:
     """Greedy decoding with the packed model -> {text, tokens (new ids), new_tokens, seconds, tokens_per_second,
-    warmup_seconds}; the timed run follows a 2-token warm-up that compiles the GPU kernels."""
+    warmup_seconds, decoder}; the timed run follows a 3-token warm-up that compiles the GPU kernels. On CUDA
+    the decode steps replay a CUDA graph (``greedy_static``); on the CPU, ``model.generate``."""
     model, tokenizer = load_packed(directory, device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    def run(tokens: int):
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run(tokens: int) -> tuple[list[int], float]:
         sync()
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                             do_sample=False, use_cache=True, pad_token_id=pad)
+        if cuda:
+            new, how = greedy_static(model, ids, tokens, graph=True)
+        else:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=pad)
+            new, how = out[0, ids.shape[1]:].tolist(), "model.generate"
         sync()
-        return out, time.perf_counter() - start
+        return new, how, time.perf_counter() - start
 
     with torch.no_grad():
-        _, warmup = run(2)  # compiles the kernels for this model's shapes: not decoding speed
-        out, seconds = run(max_new_tokens)
-    new = out[0, ids.shape[1]:].tolist()
-    return {"text": tokenizer.decode(out[0], skip_special_tokens=True), "tokens": new, "new_tokens": len(new),
-            "seconds": seconds, "tokens_per_second": len(new) / seconds, "warmup_seconds": warmup}
+        _, _, warmup = run(3)  # compiles the kernels for this model's shapes (prompt, step, capture)
+        new, how, seconds = run(max_new_tokens)
+    text = tokenizer.decode(ids[0].tolist() + new, skip_special_tokens=True)
+    return {"text": text, "tokens": new, "new_tokens": len(new), "seconds": seconds,
+            "tokens_per_second": len(new) / seconds, "warmup_seconds": warmup, "decoder": how}
