@@ -35,6 +35,7 @@ class Adapter:
     head_path: tuple[str, ...]  # modules applied after the last layer, in order (None entries skipped)
     sequential: tuple[tuple[str, ...], ...]  # groups of linear names inside a layer
     attention: str  # the attention module: it computes the attention core from its first group's outputs
+    graph_decode: bool  # a decode step on a StaticCache reads nothing back to the host: CUDA graphs can capture it
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
@@ -60,6 +61,7 @@ OPT = Adapter(
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
                 ("fc1",), ("fc2",)),
     attention="self_attn",
+    graph_decode=False,  # transformers 5.17 on an H100: capture fails (a host sync in the decode step)
 )
 LLAMA = Adapter(
     family="llama",
@@ -68,6 +70,7 @@ LLAMA = Adapter(
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
     attention="self_attn",
+    graph_decode=True,  # captured on an H100 for Llama and Qwen2 (transformers 5.17)
 )
 ADAPTERS = {"opt": OPT, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ConfigError
 from .files import write_directory
-from .models import ADAPTERS
+from .models import ADAPTERS, adapter_for
 from .packing import FORMAT, VERSION, PackedWeight, dequantise, pack_linear, unpack_mask
 from .pipeline import GRIDS_FILE, SIDECAR
 
@@ -182,8 +182,9 @@ def greedy_static(model, ids: torch.Tensor, max_new_tokens: int, graph: bool, ca
     an end-of-sequence token as ``model.generate`` does; how the steps ran). The prompt runs once, then
     one step per token at a fixed shape; the cache's own device-side length places each token, so with
     ``graph`` (CUDA) the step is captured once as a CUDA graph after one eager step and replayed: a token
-    costs one launch from Python instead of one per kernel (hundreds for a 135M model). A model whose
-    step cannot be captured runs its steps eagerly. ``cache``: an empty transformers StaticCache of at
+    costs one launch from Python instead of one per kernel (hundreds for a 135M model). Should the
+    capture fail all the same, the steps run eagerly (the CUDA random generator may then be left
+    unusable in this process; greedy decoding draws nothing from it). ``cache``: an empty transformers StaticCache of at
     least prompt + max_new_tokens positions (made when None); it ends holding every token fed."""
     from transformers import StaticCache
 
@@ -220,7 +221,8 @@ def greedy_static(model, ids: torch.Tensor, max_new_tokens: int, graph: bool, ca
 def generate(directory: str | os.PathLike, prompt: str, max_new_tokens: int = 32, device: str = "cpu") -> dict:
     """Greedy decoding with the packed model -> {text, tokens (new ids), new_tokens, seconds, tokens_per_second,
     warmup_seconds, decoder}; the timed run follows a 3-token warm-up that compiles the GPU kernels. On CUDA
-    the decode steps replay a CUDA graph (``greedy_static``); on the CPU, ``model.generate``."""
+    the decode steps go through a static cache (``greedy_static``), replaying a CUDA graph where the
+    model's adapter allows it (Llama-type models; OPT runs them eagerly); on the CPU, ``model.generate``."""
     model, tokenizer = load_packed(directory, device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -231,7 +233,7 @@ def generate(directory: str | os.PathLike, prompt: str, max_new_tokens: int = 32
         sync()
         start = time.perf_counter()
         if cuda:
-            new, how = greedy_static(model, ids, tokens, graph=True)
+            new, how = greedy_static(model, ids, tokens, graph=adapter_for(model).graph_decode)
         else:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  do_sample=False, use_cache=True, pad_token_id=pad)
