@@ -70,7 +70,7 @@ LLAMA = Adapter(
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
     attention="self_attn",
-    graph_decode=True,  # captured on an H100 for Llama and Qwen2 (transformers 5.17)
+    graph_decode=True,  # captured on an H100 for Llama and Qwen2 (transformers 5.17); Mistral, Qwen3 not tried
 )
 ADAPTERS = {"opt": OPT, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 
