@@ -8,7 +8,9 @@ import json
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
+
 from sparsemix.packed import greedy_static
+
 torch.manual_seed(0)
 configs = {
     "opt": OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
@@ -24,7 +26,7 @@ for name in ("llama", "qwen2", "opt"):
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 9:].tolist()
         try:
             new, how = greedy_static(model, ids, 12, graph=True)
-            again, how2 = greedy_static(model, ids, 12, graph=True)  # CUDA still usable after a failed capture?
+            again, _ = greedy_static(model, ids, 12, graph=True)  # CUDA still usable after a failed capture?
             print(json.dumps({"model": name, "same_as_generate": new == expected, "repeat_same": again == new, "decoder": how}))
         except Exception as error:
             print(json.dumps({"model": name, "error": repr(error)[:300]}))

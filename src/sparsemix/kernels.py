@@ -306,7 +306,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
     target = tl.load(perm_ptr + out, mask=ours, other=-1)  # loaded first: its latency hides behind the loop
     rows = out[None, :]
     local = rows - seg_row0
-    inside = local < seg_rows
+    inside = ours[None, :]
     split = tl.arange(0, SPLIT)[:, None]
     n_tiles = K // TILE_COLS
     if not GROUPED:  # one grid per row
