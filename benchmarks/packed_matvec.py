@@ -9,7 +9,9 @@ kernel reads, achieved GB/s, the device's peak (table) and measured copy bandwid
 against dequantise-then-matmul, and the kernel's launch shape. Times are given twice: ``*_us`` repeat
 one layer, whose weights may then stay in the L2 cache (50 MB on an H100); ``cold_*`` cycle through
 enough copies of the layer (at least 4x the L2 in all) that each call reads its weights from DRAM, as
-decoding a whole model does. For reference, ``cold_read_us`` is a plain streaming read of the kernel's
+decoding a whole model does. On Hopper the fixed-position kernel is launched with programmatic
+dependent launch (``pdl``: a call starts loading its weights while the previous one ends);
+``serial_*`` time the same calls without it. For reference, ``cold_read_us`` is a plain streaming read of the kernel's
 bytes from DRAM and ``launch_us`` one launch of that read on one block. Issue 8's target (H100, batch
 1, 4 bits): >= 2.5x fp16 and >= 60% of peak bandwidth.
 """
@@ -109,23 +111,34 @@ READ_BLOCK = 4096  # int32 words per program of the reference read
 
 
 @triton.jit
-def _read_kernel(src, out, n, BLOCK: tl.constexpr):
-    """Sum BLOCK int32 words per program: a plain streaming read, the reference for the kernel's bytes."""
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Sum BLOCK int32 words per program: a plain streaming read, the reference for the kernel's bytes.
+    PDL: launched as the packed kernel is on Hopper, the next read starting while this one ends."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offsets, mask=offsets < n, other=0), 0))
+    total = tl.sum(tl.load(src + offsets, mask=offsets < n, other=0), 0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    tl.store(out + tl.program_id(0), total)
 
 
-def read_reference(nbytes: int, device: str) -> dict:
+def read_reference(nbytes: int, device: str, pdl: bool) -> dict:
     """µs to read ``nbytes`` with ``_read_kernel`` from DRAM (cycling through copies, like the cold
-    timings) and to launch it on one block: what any kernel reading these bytes pays at least."""
+    timings) and to launch it on one block: what any kernel reading these bytes pays at least, launched
+    as the packed kernel is (``pdl``)."""
     from triton.testing import do_bench_cudagraph
 
     words = -(-nbytes // 4)
     programs = -(-words // READ_BLOCK)
     copies = [torch.ones(words, dtype=torch.int32, device=device) for _ in range(-(-4 * L2_BYTES // nbytes))]
     out = torch.empty(programs, dtype=torch.int32, device=device)
-    read_us = _cold_us(lambda src: _read_kernel[(programs,)](src, out, words, BLOCK=READ_BLOCK), copies)
-    launch_us = do_bench_cudagraph(lambda: _read_kernel[(1,)](copies[0], out, READ_BLOCK, BLOCK=READ_BLOCK)) * 1e3
+
+    def read(src, n, grid):
+        return _read_kernel[(grid,)](src, out, n, BLOCK=READ_BLOCK, PDL=pdl, launch_pdl=pdl)
+
+    read_us = _cold_us(lambda src: read(src, words, programs), copies)
+    launch_us = do_bench_cudagraph(lambda: read(copies[0], READ_BLOCK, 1)) * 1e3
     return {"cold_read_us": read_us, "launch_us": launch_us}
 
 
@@ -144,13 +157,23 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     dense = [weight.clone() for _ in range(-(-4 * L2_BYTES // (weight.numel() * 2)))]
     cold_dense_us = _cold_us(lambda w: torch.matmul(x, w.T), dense)
     del dense
-    cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), _copies(module, -(-4 * L2_BYTES // read)))
+    copies = _copies(module, -(-4 * L2_BYTES // read))
+    cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), copies)
+    pdl = bool(module.fixed_meta and module.fixed_meta["pdl"])
+    serial = {}
+    if pdl:  # the same calls launched one after the other, for comparison
+        for m in (module, *copies):
+            m.fixed_meta["pdl"] = False
+        serial = {"serial_kernel_us": do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3,
+                  "cold_serial_kernel_us": _cold_us(lambda m: packed_matmul(x, m), copies)}
+        module.fixed_meta["pdl"] = True
+    del copies
     achieved, cold_achieved = read / kernel_us / 1e3, read / cold_kernel_us / 1e3
-    reference = read_reference(read, x.device.type)
+    reference = read_reference(read, x.device.type, pdl)
     return {"shape": [rows, cols], "mean_bits": mean_bits, "code_bits": float(bits.float().mean()),
             "sparsity": sparsity, "batch": batch, "fp16_us": dense_us, "kernel_us": kernel_us,
             "speedup": dense_us / kernel_us, "cold_fp16_us": cold_dense_us, "cold_kernel_us": cold_kernel_us,
-            "cold_speedup": cold_dense_us / cold_kernel_us, "bytes_read": read, "file_bytes": packed.nbytes(),
+            "cold_speedup": cold_dense_us / cold_kernel_us, "pdl": pdl, **serial, "bytes_read": read, "file_bytes": packed.nbytes(),
             "fp16_bytes": weight.numel() * 2,
             "achieved_gbps": achieved, "peak_gbps": peak, "fraction_of_peak": achieved / peak if peak else None,
             "cold_achieved_gbps": cold_achieved, "cold_fraction_of_peak": cold_achieved / peak if peak else None,

@@ -98,6 +98,44 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launch order only matters on a GPU")
+def test_chained_layers_read_their_input_only_after_the_previous_layer_wrote_it():
+    """Each layer's input is the previous layer's output. Launched back to back (on Hopper each kernel
+    starts while the previous one ends and must wait before reading x) and replayed as a CUDA graph,
+    the chain gives exactly what it gives with the GPU synchronised between layers."""
+    pytest.importorskip("triton")
+    from sparsemix.kernels import packed_matmul
+    from sparsemix.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(4)
+    layers = []
+    for i in range(6):  # 2:4, dense and unstructured in turn
+        sparsity = ("2:4", 0.0, 0.5)[i % 3]
+        packed = random_packed(torch.tensor((3, 4, 6))[torch.randint(0, 3, (2048,), generator=gen)], 2048,
+                               0.5 if sparsity == "2:4" else sparsity, 2048, gen, two_four=sparsity == "2:4")
+        layers.append(PackedLinear(packed.header(), packed.tensors, bias=False).cuda())
+    x = torch.randn(1, 2048, generator=gen).half().cuda() * 0.1
+
+    def chain(synchronise: bool) -> torch.Tensor:
+        h = x
+        for layer in layers:
+            h = packed_matmul(h, layer)
+            if synchronise:
+                torch.cuda.synchronize()
+        return h
+
+    expected = chain(True)
+    assert all(layer.fixed_meta for layer in layers) and bool(torch.isfinite(expected).all())
+    assert torch.equal(chain(False), expected)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(False)
+    for _ in range(3):
+        captured.zero_()
+        graph.replay()
+        assert torch.equal(captured, expected)
+
+
 def test_launch_shapes_fill_their_programs_exactly():
     pytest.importorskip("triton")
     from sparsemix.kernels import PAD_ROWS, fixed_config

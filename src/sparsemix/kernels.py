@@ -295,10 +295,12 @@ def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
 def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
                  row0, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                  W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
-                 SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
+                 SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
+                 PDL: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
     (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
-    once per pass)."""
+    once per pass). PDL: the first tiles' weights are loaded before waiting for the previous kernel
+    (which may write x), so they stream in while it finishes."""
     QUANT: tl.constexpr = W < 16
     TILE_COLS: tl.constexpr = 32 if DENSE else 64  # 16 groups of 2 or 4 columns
     out = row0 + tl.arange(0, BLOCK_R)
@@ -332,6 +334,8 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
             tile_words = ()  # the tile's W code words, each loaded once
             for h in tl.static_range(W):
                 tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
+            if PDL:  # weights above, x below; waits after the first pass's are no-ops
+                tl.extra.cuda.gdc_wait()
             for grp in tl.static_range(16):
                 if grp % 4 == 0:  # fp16 pair sums of 4 groups (8 products), one per token
                     parts = ()
@@ -393,12 +397,17 @@ def _segment_rows(W: tl.constexpr, ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_
 def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
-                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
+                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
+                  PDL: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
     program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
-    rows from these arguments alone, with no table to load before its first weight load."""
+    rows from these arguments alone, with no table to load before its first weight load.
+    PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
+    as every program here has started, and this one waits for its predecessor only before reading x."""
     TILE_COLS: tl.constexpr = 32 if DENSE else 64
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     first, seg_row0, word_base = 0, 0, 0  # the segment's first program, padded row and code word
     for w in tl.static_range(2, 17):
@@ -409,7 +418,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
                 _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                              tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
-                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM)
+                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL)
             first += programs
             seg_row0 += seg_rows
             word_base += (K // TILE_COLS) * w * seg_rows
@@ -526,10 +535,12 @@ def fixed_meta(module) -> dict | None:
     assert codes.numel() < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
     segment_rows = dict(zip(packed.widths, padded))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
     return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
             "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile,
-            "sms": sms, "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
+            "sms": sms, "pdl": pdl,  # pdl: programmatic dependent launch (Hopper on; the benchmark can turn it off)
+            "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
 TOKENS_PER_PASS = 4  # tokens sharing each decoded weight; more would spill registers
@@ -548,7 +559,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         meta["padded_rows"], cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
         SPLIT=config.split, EVEN=(cols // meta["tile"]) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), num_warps=config.warps,
+        USE_ASM=not _interpreted(), PDL=meta["pdl"], num_warps=config.warps, launch_pdl=meta["pdl"],
     )
     return y
 
