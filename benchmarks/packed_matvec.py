@@ -10,8 +10,8 @@ against dequantise-then-matmul, and the kernel's launch shape. Times are given t
 one layer, whose weights may then stay in the L2 cache (50 MB on an H100); ``cold_*`` cycle through
 enough copies of the layer (at least 4x the L2 in all) that each call reads its weights from DRAM, as
 decoding a whole model does. On Hopper the fixed-position kernel is launched with programmatic
-dependent launch (``pdl``: a call starts loading its weights while the previous one ends);
-``serial_*`` time the same calls without it. For reference, ``cold_read_us`` is a plain streaming read of the kernel's
+dependent launch where ``fixed_config`` says so (``pdl``: a call starts loading its weights while the
+previous one ends); ``serial_*`` then time the same calls without it. For reference, ``cold_read_us`` is a plain streaming read of the kernel's
 bytes from DRAM and ``launch_us`` one launch of that read on one block. Issue 8's target (H100, batch
 1, 4 bits): >= 2.5x fp16 and >= 60% of peak bandwidth.
 """
@@ -145,7 +145,7 @@ def read_reference(nbytes: int, device: str, pdl: bool) -> dict:
 def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: int, peak, copy_bw) -> dict:
     from triton.testing import do_bench_cudagraph
 
-    from sparsemix.kernels import kernel_bytes, packed_matmul
+    from sparsemix.kernels import kernel_bytes, launch_config, packed_matmul
 
     rows, cols = weight.shape
     x = torch.randn(batch, cols, dtype=torch.float16, device=weight.device)
@@ -159,7 +159,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     del dense
     copies = _copies(module, -(-4 * L2_BYTES // read))
     cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), copies)
-    pdl = bool(module.fixed_meta and module.fixed_meta["pdl"])
+    pdl = bool(module.fixed_meta and module.fixed_meta["pdl"] and launch_config(module.fixed_meta, cols, batch).pdl)
     serial = {}
     if pdl:  # the same calls launched one after the other, for comparison
         for m in (module, *copies):

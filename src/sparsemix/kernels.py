@@ -427,10 +427,12 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
 @dataclass(frozen=True)
 class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
-    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program."""
+    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program, and
+    whether to launch it with programmatic dependent launch where the GPU has it (Hopper on)."""
     rows: int
     split: int
     warps: int
+    pdl: bool = True
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
@@ -441,14 +443,18 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the tiles side by
     side. Larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing each x load,
     8 warps. From sweeps on an H100 (benchmarks/results-h100-matvec17-*.jsonl): at batch 1 the fastest
-    of six shapes from DRAM, or within 1% of it, on each benchmark layer."""
+    of six shapes from DRAM, or within 1% of it, on each benchmark layer. Programmatic dependent launch
+    for dense layers and for 2:4 at batch 1, not for 2:4 batches: on an H100 from DRAM it took 2:4 from
+    6-22% faster at batch 1 to 10-23% slower at batches 4 and 16, and dense from 6% slower (4096 x
+    11008, batch 1) to 17% faster (benchmarks/results-h100-matvec20-pdl.jsonl, -matvec22-pdl-batch.jsonl)."""
+    pdl = batch == 1 or tile == 32  # 32-column tiles: the dense arrangement
     if batch > 1:
         pairs, warps = 4, 8
     else:
         pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
     elements = pairs * 32 * warps
     split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
-    return FixedConfig(max(elements // split, PAD_ROWS), split, warps)
+    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl)
 
 
 def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
@@ -539,7 +545,7 @@ def fixed_meta(module) -> dict | None:
     return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
             "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile,
-            "sms": sms, "pdl": pdl,  # pdl: programmatic dependent launch (Hopper on; the benchmark can turn it off)
+            "sms": sms, "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
@@ -553,13 +559,14 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
     config = launch_config(meta, cols, batch)
     words = x.view(torch.int32 if meta["dense"] else torch.int64)
+    pdl = meta["pdl"] and config.pdl
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["padded_rows"], cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
         SPLIT=config.split, EVEN=(cols // meta["tile"]) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=meta["pdl"], num_warps=config.warps, launch_pdl=meta["pdl"],
+        USE_ASM=not _interpreted(), PDL=pdl, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
