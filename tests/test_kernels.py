@@ -151,7 +151,7 @@ def test_launch_shapes_fill_their_programs_exactly():
     assert fixed_config(4096, 4096, 64, 132, 1).warps == 16  # 256 programs of 16 rows: wide ones
     assert fixed_config(11008, 4096, 64, 132, 1).warps == 8  # 688 programs: more of them in flight
     assert fixed_config(4096, 4096, 64, 132, 1).pdl and not fixed_config(4096, 4096, 64, 132, 4).pdl  # 2:4
-    assert fixed_config(4096, 4096, 32, 132, 16).pdl  # dense
+    assert fixed_config(4096, 4096, 32, 132, 16).pdl and not fixed_config(4096, 11008, 32, 132, 1).pdl  # dense
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

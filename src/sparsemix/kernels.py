@@ -443,17 +443,21 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the tiles side by
     side. Larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing each x load,
     8 warps. From sweeps on an H100 (benchmarks/results-h100-matvec17-*.jsonl): at batch 1 the fastest
-    of six shapes from DRAM, or within 1% of it, on each benchmark layer. Programmatic dependent launch
-    for dense layers and for 2:4 at batch 1, not for 2:4 batches: on an H100 from DRAM it took 2:4 from
-    6-22% faster at batch 1 to 10-23% slower at batches 4 and 16, and dense from 6% slower (4096 x
-    11008, batch 1) to 17% faster (benchmarks/results-h100-matvec20-pdl.jsonl, -matvec22-pdl-batch.jsonl)."""
-    pdl = batch == 1 or tile == 32  # 32-column tiles: the dense arrangement
+    of six shapes from DRAM, or within 1% of it, on each benchmark layer.
+
+    Programmatic dependent launch where it measured faster (H100, from DRAM, 3/4/5 bits; records
+    benchmarks/results-h100-matvec2[023]-*.jsonl): 2:4 at batch 1 (6-22% faster on every shape; 10-23%
+    slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 passes (13-17%
+    faster at 4096 x 4096 and at batch 4; 0-13% slower at batch 1 on the 11008-wide and -tall layers,
+    4-6 passes)."""
     if batch > 1:
         pairs, warps = 4, 8
     else:
         pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
     elements = pairs * 32 * warps
     split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
+    passes = -(-(cols // tile) // split)
+    pdl = batch == 1 if tile == 64 else passes <= 2  # 64-column tiles: the 2:4 arrangement
     return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl)
 
 
@@ -657,8 +661,8 @@ ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats t
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
-    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (6.0 µs
-    at batch 1 for a 4-bit 2:4 4096 x 4096 layer read from DRAM on an H100, 2.8x fp16); the rest the general kernel, once per
+    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (4.7 µs
+    at batch 1 for a 4-bit 2:4 4096 x 4096 layer read from DRAM on an H100, 3.5x fp16); the rest the general kernel, once per
     token for 2 to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
