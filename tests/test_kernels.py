@@ -160,7 +160,9 @@ def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(2)
-    packed = random_packed(torch.full((16,), 4), 128, 0.5, 128, gen)
-    tensors = dict(packed.tensors, zero=packed.tensors["zero"] + 0.5)  # a pruned weight has no exact code
-    assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))["dense"]
-    assert fixed_meta(PackedLinear(packed.header(), tensors, bias=False)) is None
+    for sparsity, two_four in ((0.5, False), (0.0, False), (0.5, True)):  # unstructured, dense, 2:4
+        packed = random_packed(torch.full((16,), 4), 128, sparsity, 128, gen, two_four=two_four)
+        assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))["dense"] != two_four
+        for zero in (packed.tensors["zero"] + 0.5, packed.tensors["zero"] - 16):  # neither is a code of a 4-bit row
+            tensors = dict(packed.tensors, zero=zero)
+            assert fixed_meta(PackedLinear(packed.header(), tensors, bias=False)) is None, (sparsity, two_four)

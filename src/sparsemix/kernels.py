@@ -500,14 +500,15 @@ def fixed_meta(module) -> dict | None:
         return None
     widths = packed.row_widths.to(device)
     values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols)[kept])
-    if dense and "mask" in packed.tensors:  # unstructured: pruned weights at their zero point's code
-        quantized = int((widths < 16).sum())
-        zero = per_column(packed.tensors["zero"], group_size, cols)
-        full = torch.zeros(rows, cols, dtype=torch.int64, device=device)
-        full[:quantized] = zero.round().to(torch.int64)
+    quantized = int((widths < 16).sum())
+    if quantized:  # the kernel subtracts 1024 + zero in fp16: exact for codes only
+        zero = packed.tensors["zero"].float()
         maxq = (1 << widths[:quantized].to(torch.int64)) - 1
         if not bool(((zero == zero.round()) & (zero >= 0) & (zero <= maxq[:, None])).all()):
             return None
+    if dense and "mask" in packed.tensors:  # unstructured: pruned weights at their zero point's code
+        full = torch.zeros(rows, cols, dtype=torch.int64, device=device)
+        full[:quantized] = per_column(packed.tensors["zero"], group_size, cols).round().to(torch.int64)
         full[kept] = values
         values = full
     values = values.view(rows, -1)
