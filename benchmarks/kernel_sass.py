@@ -49,7 +49,7 @@ def _loop(ins: list[tuple[int, str]]) -> int:
 def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 4096) -> dict:
     """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_config`` picks for
     4096 rows and ``cols`` columns, ``tokens`` per pass; per weight = per column position (kept or pruned)."""
-    tile = 32 if dense else 64
+    tile = kernels.tile_columns(dense)
     config = kernels.fixed_config(4096, cols, tile, sms=132, batch=tokens)  # an H100's choice for 4096 rows
     block_r, split = config.rows, config.split
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",

@@ -424,6 +424,11 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
             word_base += (K // TILE_COLS) * w * seg_rows
 
 
+def tile_columns(dense: bool) -> int:
+    """Columns per tile of the fixed-position arrangement: 16 groups of 2 (dense) or 4 (2:4) columns."""
+    return 32 if dense else 64
+
+
 @dataclass(frozen=True)
 class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
@@ -463,7 +468,8 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
 
 def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
-    return meta["config"] or fixed_config(meta["padded_rows"], cols, meta["tile"], meta["sms"], batch)
+    padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
+    return meta["config"] or fixed_config(padded_rows, cols, tile_columns(meta["dense"]), meta["sms"], batch)
 
 
 def _pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -492,7 +498,7 @@ def fixed_meta(module) -> dict | None:
     kept = packed.kept()
     groups4 = kept.view(rows, cols // 4, 4) if cols % 4 == 0 else None
     dense = "mask" not in packed.tensors or groups4 is None or not bool((groups4.sum(-1) == 2).all())
-    tile = 32 if dense else 64
+    tile = tile_columns(dense)
     if cols % tile or (group_size != cols and group_size % tile):
         return None
     assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
@@ -548,8 +554,8 @@ def fixed_meta(module) -> dict | None:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
     return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
-            "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(), "padded_rows": total,
-            "present": sum(1 << w for w in packed.widths), "dense": dense, "tile": tile,
+            "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
+            "present": sum(1 << w for w in packed.widths), "dense": dense,
             "sms": sms, "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
@@ -568,9 +574,9 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
-        meta["padded_rows"], cols, group_size, batch, words.shape[1], rows,
+        meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
-        SPLIT=config.split, EVEN=(cols // meta["tile"]) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
+        SPLIT=config.split, EVEN=(cols // tile_columns(meta["dense"])) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
         USE_ASM=not _interpreted(), PDL=pdl, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
