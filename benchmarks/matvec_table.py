@@ -32,7 +32,7 @@ def _policy_times(record: dict) -> tuple[bool, float, float]:
 
     if not record.get("pdl"):
         return False, record["cold_kernel_us"], record["kernel_us"]
-    rows, cols = record["shape"]
+    rows, cols = record["shape"]  # records before the policy timed PDL everywhere: re-derive it (H100: 132 SMs)
     config = fixed_config(-(-rows // 16) * 16, cols, tile_columns(record["sparsity"] != "2:4"), 132, record["batch"])
     if config.pdl:
         return True, record["cold_kernel_us"], record["kernel_us"]

@@ -1,5 +1,4 @@
 """Export, load and generate with the packed format on tiny models, through the CLI as a user would."""
-import inspect
 import json
 import shutil
 
@@ -11,8 +10,8 @@ from test_end_to_end import sparsemix
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from sparsemix.config import ConfigError
-from sparsemix.packed import (PACKED_FILE, ExportError, PackedLinear, export_packed, generate, greedy_static,
-                              load_packed)
+from sparsemix.packed import (PACKED_FILE, ExportError, PackedLinear, cache_argument, export_packed, generate,
+                              greedy_static, load_packed)
 
 RUNS = {  # family -> compress options: mixed widths with a bitmask; 2:4 with groups and biases (OPT)
     "llama": ["--sparsity", "0.5", "--bit-method", "budget", "--target-avg-bits", "3.5"],
@@ -90,8 +89,7 @@ def test_static_cache_decoding_matches_generate(family, saved):
         assert new == expected and how == "static cache, eager steps"
         fed = torch.cat([ids, torch.tensor([new[:-1]])], 1)  # the last token is never fed back
         reference = DynamicCache(config=model.config)
-        model(fed, **{name: reference for name in ("cache", "past_key_values")
-                      if name in inspect.signature(model.forward).parameters})
+        model(fed, **cache_argument(model, reference))
     n = fed.shape[1]
     for layer, expected_layer in zip(cache.layers, reference.layers, strict=True):
         torch.testing.assert_close(layer.keys[:, :, :n], expected_layer.keys)

@@ -177,6 +177,12 @@ def load_packed(directory: str | os.PathLike, device: str = "cpu"):
     return model, AutoTokenizer.from_pretrained(path.parent)
 
 
+def cache_argument(model, cache) -> dict:
+    """``cache`` as the keyword ``model.forward`` takes it: transformers 5.24 renamed past_key_values to
+    cache (the old name goes in 5.40)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def greedy_static(model, ids: torch.Tensor, max_new_tokens: int, graph: bool, cache=None) -> tuple[list[int], str]:
     """Greedy decoding of ``ids`` [1, prompt] with a static KV cache -> (the new token ids, stopping after
     an end-of-sequence token as ``model.generate`` does; how the steps ran). The prompt runs once, then
@@ -190,8 +196,7 @@ def greedy_static(model, ids: torch.Tensor, max_new_tokens: int, graph: bool, ca
 
     if cache is None:
         cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
-    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40)
-    cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    cache = cache_argument(model, cache)
     token = model(ids, **cache).logits[:, -1:].argmax(-1)  # [1, 1]
     step_token = token.clone()
 
@@ -229,7 +234,7 @@ def generate(directory: str | os.PathLike, prompt: str, max_new_tokens: int = 32
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def run(tokens: int) -> tuple[list[int], float]:
+    def run(tokens: int) -> tuple[list[int], str, float]:
         sync()
         start = time.perf_counter()
         if cuda:
