@@ -58,7 +58,8 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 409
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
-                 BT=tokens, USE_ASM=True, PDL=True, **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
+                 BT=tokens, USE_ASM=True, PDL=True, AHEAD=config.ahead,
+                 **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
     elements_per_thread = block_r * split / (32 * config.warps)
     return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,

@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
-    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS configs, e.g. 512x64x4")
+    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS[p][a] "
+                        "configs, e.g. 1024x64x16pa (p: programmatic dependent launch, a: weights loaded a pass ahead)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -217,14 +218,17 @@ def main() -> None:
 
 
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
-    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS
-    config ((row, tile column) pairs per program, most tile columns side by side, warps)."""
+    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS[p][a]
+    config ((row, tile column) pairs per program, most tile columns side by side, warps; p: launched
+    with programmatic dependent launch, a: each pass loads the next pass's weights ahead)."""
     from sparsemix.kernels import PAD_ROWS, FixedConfig
 
     meta = built[0].fixed_meta
     for config in configs.split(","):
-        elements, split, warps = (int(v) for v in config.split("x"))
-        meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps)
+        shape = config.rstrip("pa")
+        elements, split, warps = (int(v) for v in shape.split("x"))
+        flags = config[len(shape):]
+        meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl="p" in flags, ahead="a" in flags)
         result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "tuned": config, **result}), flush=True)
     meta["config"] = None

@@ -76,15 +76,16 @@ def test_fixed_position_kernel_matches_dequantise_then_matmul():
 
 
 def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes():
-    """Rows per program, tiles side by side and warps change which program and thread take a
-    (row, tile) pair, never the product: ragged splits, programs spanning segments, batches."""
+    """Rows per program, tiles side by side, warps and loading ahead change which program and thread
+    take a (row, tile) pair and when, never the product: ragged splits, programs spanning segments,
+    batches of one and of two passes."""
     pytest.importorskip("triton")
     from sparsemix.kernels import FixedConfig, packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
-    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 3)):  # 5 tiles either way
+    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 6)):  # 5 tiles either way
         bits = torch.tensor((2, 4, 6))[torch.randint(0, 3, (40,), generator=gen)]
         two_four = sparsity == "2:4"
         packed = random_packed(bits, cols, 0.5 if two_four else sparsity, cols, gen, two_four=two_four)
@@ -92,7 +93,8 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         x = torch.randn(batch, cols, generator=gen).half()
         reference = x.float() @ dequantise(packed).float().T
         packed_matmul(x.to(device), module)
-        for config in (FixedConfig(16, 2, 2), FixedConfig(32, 4, 4), FixedConfig(64, 8, 8)):
+        for config in (FixedConfig(16, 2, 2), FixedConfig(16, 2, 2, ahead=True), FixedConfig(32, 4, 4),
+                       FixedConfig(64, 8, 8, ahead=True)):
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
@@ -151,7 +153,10 @@ def test_launch_shapes_fill_their_programs_exactly():
     assert fixed_config(4096, 4096, 64, 132, 1).warps == 16  # 256 programs of 16 rows: wide ones
     assert fixed_config(11008, 4096, 64, 132, 1).warps == 8  # 688 programs: more of them in flight
     assert fixed_config(4096, 4096, 64, 132, 1).pdl and not fixed_config(4096, 4096, 64, 132, 4).pdl  # 2:4
-    assert fixed_config(4096, 4096, 32, 132, 16).pdl and not fixed_config(4096, 11008, 32, 132, 1).pdl  # dense
+    assert fixed_config(4096, 4096, 32, 132, 16).pdl and not fixed_config(4096, 11008, 32, 132, 4).pdl  # dense
+    assert all(fixed_config(rows, cols, 32, 132, 1).ahead and fixed_config(rows, cols, 32, 132, 1).pdl
+               for rows, cols in ((4096, 4096), (4096, 11008), (11008, 4096)))  # dense at batch 1
+    assert not fixed_config(4096, 4096, 64, 132, 1).ahead and not fixed_config(4096, 4096, 32, 132, 4).ahead
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

@@ -278,9 +278,10 @@ def _flush(acc, part, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
+def _codes(prev, cur, exponent, g: tl.constexpr, W: tl.constexpr):
     """Group g's two codes (W < 16) as fp16 pair 1024 + code, from the words holding the start
-    (``prev``) and the end (``cur``) of its W bits (the same word unless the codes straddle two)."""
+    (``prev``) and the end (``cur``) of its W bits (the same word unless the codes straddle two);
+    ``exponent`` is 1024's sign and exponent bits in both halves (0x64006400)."""
     start: tl.constexpr = g * W
     shift: tl.constexpr = start % 16
     if shift + W <= 16:
@@ -288,7 +289,29 @@ def _codes(prev, cur, g: tl.constexpr, W: tl.constexpr):
     else:  # bits shift..15 of each half of prev, then bits 0.. of each half of cur
         low: tl.constexpr = (1 << (16 - shift)) - 1
         v = ((prev >> shift) & (low * 0x10001)) | ((cur << (16 - shift)) & ((((1 << W) - 1) ^ low) * 0x10001))
-    return v | 0x64006400
+    return v | exponent
+
+
+@triton.jit
+def _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local, inside, t, P, GROUP_SIZE,
+               W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr):
+    """What tiles ``t`` [SPLIT, 1] of rows ``rows`` [1, BLOCK_R] read besides x: (grid (zz, s) when
+    GROUPED, else (); 2:4 index words (m0, m1), else (); the tile's W code words). Masked-off
+    elements (``inside`` false) read zeros and no memory."""
+    TILE_COLS: tl.constexpr = 32 if DENSE else 64
+    grid = ()
+    if GROUPED:  # group size a multiple of the tile: one group per tile
+        g = (t * TILE_COLS) // GROUP_SIZE
+        grid = (tl.load(zz_ptr + g * P + rows, mask=inside, other=0), tl.load(scale_ptr + g * P + rows, mask=inside, other=0))
+    index = ()
+    if not DENSE:
+        index = (tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True),
+                 tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True))
+    words = codes_ptr + word_base + t * W * seg_rows + local
+    tile_words = ()  # each code word loaded once
+    for h in tl.static_range(W):
+        tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
+    return grid, index, tile_words
 
 
 @triton.jit
@@ -296,13 +319,13 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                  row0, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                  W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, AHEAD: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
     (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
-    once per pass). PDL: the first tiles' weights are loaded before waiting for the previous kernel
-    (which may write x), so they stream in while it finishes."""
+    once per pass). AHEAD: each pass loads the next pass's weights before decoding its own, so their
+    latency hides behind the arithmetic (more registers). PDL: the first weights are loaded before
+    waiting for the previous kernel (which may write x), so they stream in while it finishes."""
     QUANT: tl.constexpr = W < 16
-    TILE_COLS: tl.constexpr = 32 if DENSE else 64  # 16 groups of 2 or 4 columns
     out = row0 + tl.arange(0, BLOCK_R)
     ours = out - seg_row0 < seg_rows  # a segment's last block may reach past it: whole padded runs masked
     target = tl.load(perm_ptr + out, mask=ours, other=-1)  # loaded first: its latency hides behind the loop
@@ -310,7 +333,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
     local = rows - seg_row0
     inside = ours[None, :]
     split = tl.arange(0, SPLIT)[:, None]
-    n_tiles = K // TILE_COLS
+    n_tiles = K // (32 if DENSE else 64)
     if not GROUPED:  # one grid per row
         zz = tl.load(zz_ptr + rows, mask=inside, other=0)
         s = tl.load(scale_ptr + rows, mask=inside, other=0)
@@ -318,37 +341,43 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
         accs = ()  # fp32 sums, one per token of the pass
         for j in tl.static_range(BT):
             accs = accs + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32),)
+        if AHEAD:  # a spare tile of a ragged last pass (t >= n_tiles) loads nothing and reads x as 0
+            following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
+                                   inside & (split < n_tiles), split, P, GROUP_SIZE, W, DENSE, GROUPED)
+            if PDL:  # weights above, x below
+                tl.extra.cuda.gdc_wait()
         for i in range(0, n_tiles, SPLIT):
             t = i + split
             x_ok = (t < n_tiles) | EVEN
-            if not EVEN:  # a spare tile repeats tile 0 with x read as 0
-                t = tl.where(x_ok, t, 0)
-            if GROUPED:  # group size a multiple of the tile: one group per tile
-                g = (t * TILE_COLS) // GROUP_SIZE
-                zz = tl.load(zz_ptr + g * P + rows, mask=inside, other=0)
-                s = tl.load(scale_ptr + g * P + rows, mask=inside, other=0)
-            if not DENSE:
-                m0 = tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-                m1 = tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True)
-            words = codes_ptr + word_base + t * W * seg_rows + local
-            tile_words = ()  # the tile's W code words, each loaded once
-            for h in tl.static_range(W):
-                tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
-            if PDL:  # weights above, x below; waits after the first pass's are no-ops
-                tl.extra.cuda.gdc_wait()
+            if AHEAD:
+                grid, index, tile_words = following
+                following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
+                                       inside & (t + SPLIT < n_tiles), t + SPLIT, P, GROUP_SIZE, W, DENSE, GROUPED)
+            else:
+                if not EVEN:  # a spare tile repeats tile 0 with x read as 0
+                    t = tl.where(x_ok, t, 0)
+                grid, index, tile_words = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows,
+                                                     rows, local, inside, t, P, GROUP_SIZE, W, DENSE, GROUPED)
+                if PDL:  # weights above, x below; waits after the first pass's are no-ops
+                    tl.extra.cuda.gdc_wait()
+            if GROUPED:
+                zz, s = grid
+            # 0x64006400 taken from 1024 + zero (< 2048) in a register: as an immediate the compiler
+            # re-materialises it in the loop (benchmarks/kernel_sass.py: 261 -> 234 instructions, dense 4 bits)
+            exponent = zz & -67044352  # 0xFC00FC00
             for grp in tl.static_range(16):
                 if grp % 4 == 0:  # fp16 pair sums of 4 groups (8 products), one per token
                     parts = ()
                     for j in tl.static_range(BT):
                         parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
                 if DENSE:
-                    index = tile_words[0]  # unused
+                    selector = tile_words[0]  # unused
                 elif grp < 8:
-                    index = (m0 >> (2 * (grp % 4))) & 0x03030303
+                    selector = (index[0] >> (2 * (grp % 4))) & 0x03030303
                 else:
-                    index = (m1 >> (2 * (grp % 4))) & 0x03030303
+                    selector = (index[1] >> (2 * (grp % 4))) & 0x03030303
                 if QUANT:
-                    w = _weights(_codes(tile_words[(grp * W) // 16], tile_words[(grp * W + W - 1) // 16], grp, W),
+                    w = _weights(_codes(tile_words[(grp * W) // 16], tile_words[(grp * W + W - 1) // 16], exponent, grp, W),
                                  zz, s, USE_ASM)
                 else:
                     w = tile_words[grp]
@@ -363,7 +392,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                     else:
                         xa = xg.to(tl.int32)
                         xb = (xg >> 32).to(tl.int32)
-                    updated = updated + (_dot(index, xa, xb, w, parts[j], (grp % 8) >= 4, DENSE, USE_ASM),)
+                    updated = updated + (_dot(selector, xa, xb, w, parts[j], (grp % 8) >= 4, DENSE, USE_ASM),)
                 parts = updated
                 if grp % 4 == 3:  # the 4 groups' fp16 pair sums into fp32
                     flushed = ()
@@ -398,7 +427,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
     program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
@@ -418,7 +447,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
                 _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                              tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
-                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL)
+                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
             first += programs
             seg_row0 += seg_rows
             word_base += (K // TILE_COLS) * w * seg_rows
@@ -432,12 +461,14 @@ def tile_columns(dense: bool) -> int:
 @dataclass(frozen=True)
 class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
-    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program, and
-    whether to launch it with programmatic dependent launch where the GPU has it (Hopper on)."""
+    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program, whether to
+    launch it with programmatic dependent launch where the GPU has it (Hopper on), and whether each
+    pass loads the next pass's weights ahead of decoding its own (``ahead``: more registers)."""
     rows: int
     split: int
     warps: int
     pdl: bool = True
+    ahead: bool = False
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
@@ -453,8 +484,9 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     Programmatic dependent launch where it measured faster (H100, from DRAM, 3/4/5 bits; records
     benchmarks/results-h100-matvec2[023]-*.jsonl): 2:4 at batch 1 (6-22% faster on every shape; 10-23%
     slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 passes (13-17%
-    faster at 4096 x 4096 and at batch 4; 0-13% slower at batch 1 on the 11008-wide and -tall layers,
-    4-6 passes)."""
+    faster at 4096 x 4096 and at batch 4). Dense at batch 1 loads ahead, with PDL on every shape:
+    at 4 bits 2-4% faster than the best of PDL alone, ahead alone or neither. 2:4 loading ahead takes
+    84-104 registers and is slower (records benchmarks/results-h100-matvec24-ahead.txt)."""
     if batch > 1:
         pairs, warps = 4, 8
     else:
@@ -462,8 +494,9 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     elements = pairs * 32 * warps
     split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
     passes = -(-(cols // tile) // split)
-    pdl = batch == 1 if tile == 64 else passes <= 2  # 64-column tiles: the 2:4 arrangement
-    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl)
+    ahead = batch == 1 and tile == 32  # 32-column tiles: the dense arrangement
+    pdl = batch == 1 if tile == 64 else passes <= 2 or ahead
+    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl, ahead)
 
 
 def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
@@ -577,7 +610,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
         SPLIT=config.split, EVEN=(cols // tile_columns(meta["dense"])) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=pdl, num_warps=config.warps, launch_pdl=pdl,
+        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
@@ -668,8 +701,8 @@ ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats t
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
-    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (4.7 µs
-    at batch 1 for a 4-bit 2:4 4096 x 4096 layer read from DRAM on an H100, 3.5x fp16); the rest the general kernel, once per
+    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (4.6 µs
+    at batch 1 for a 4-bit 2:4 4096 x 4096 layer read from DRAM on an H100, 3.7x fp16); the rest the general kernel, once per
     token for 2 to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
