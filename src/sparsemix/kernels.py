@@ -192,7 +192,8 @@ def _packed_matmul_kernel(
 # row r; rows are padded to runs of 16 so a thread loads its 2 or 4 rows (``fixed_config``) with one
 # vector load and shares its x loads between them; the program sums its rows over the tiles itself:
 # no atomics. Each decoded weight serves up to TOKENS_PER_PASS tokens; larger batches make more passes
-# in the same launch.
+# in the same launch. Where ``fixed_config`` says so (dense layers at batch 1), each step of the tile
+# loop loads the next step's weights before decoding its own.
 
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
@@ -322,9 +323,10 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                  PDL: tl.constexpr, AHEAD: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
     (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
-    once per pass). AHEAD: each pass loads the next pass's weights before decoding its own, so their
-    latency hides behind the arithmetic (more registers). PDL: the first weights are loaded before
-    waiting for the previous kernel (which may write x), so they stream in while it finishes."""
+    once per pass). AHEAD: each step of the tile loop loads the next step's weights (its next SPLIT
+    tiles) before decoding its own, so their latency hides behind the arithmetic (more registers).
+    PDL: the first weights are loaded before waiting for the previous kernel (which may write x), so
+    they stream in while it finishes."""
     QUANT: tl.constexpr = W < 16
     out = row0 + tl.arange(0, BLOCK_R)
     ours = out - seg_row0 < seg_rows  # a segment's last block may reach past it: whole padded runs masked
@@ -463,7 +465,8 @@ class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
     ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program, whether to
     launch it with programmatic dependent launch where the GPU has it (Hopper on), and whether each
-    pass loads the next pass's weights ahead of decoding its own (``ahead``: more registers)."""
+    step of the tile loop loads the next step's weights before decoding its own (``ahead``: more
+    registers)."""
     rows: int
     split: int
     warps: int
@@ -486,7 +489,7 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 passes (13-17%
     faster at 4096 x 4096 and at batch 4). Dense at batch 1 loads ahead, with PDL on every shape:
     at 4 bits 2-4% faster than the best of PDL alone, ahead alone or neither. 2:4 loading ahead takes
-    84-104 registers and is slower (records benchmarks/results-h100-matvec24-ahead.txt)."""
+    up to 104 registers and was slower on every shape (records benchmarks/results-h100-matvec24-ahead.txt)."""
     if batch > 1:
         pairs, warps = 4, 8
     else:
