@@ -145,7 +145,7 @@ def read_reference(nbytes: int, device: str, pdl: bool) -> dict:
 def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: int, peak, copy_bw) -> dict:
     from triton.testing import do_bench_cudagraph
 
-    from sparsemix.kernels import kernel_bytes, launch_config, packed_matmul
+    from sparsemix.kernels import kernel_bytes, launch_config, packed_matmul, uses_pdl
 
     rows, cols = weight.shape
     x = torch.randn(batch, cols, dtype=torch.float16, device=weight.device)
@@ -159,7 +159,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     del dense
     copies = _copies(module, -(-4 * L2_BYTES // read))
     cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), copies)
-    pdl = bool(module.fixed_meta and module.fixed_meta["pdl"] and launch_config(module.fixed_meta, cols, batch).pdl)
+    pdl = bool(module.fixed_meta) and uses_pdl(module.fixed_meta, launch_config(module.fixed_meta, cols, batch))
     serial = {}
     if pdl:  # the same calls launched one after the other, for comparison
         for m in (module, *copies):
@@ -199,7 +199,8 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
     parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS[p][a] "
-                        "configs, e.g. 1024x64x16pa (p: programmatic dependent launch, a: weights loaded a pass ahead)")
+                        "configs, e.g. 1024x64x16pa (p: programmatic dependent launch, a: each step of the tile loop loads "
+                        "the next step's weights first)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -220,7 +221,8 @@ def main() -> None:
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
     """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS[p][a]
     config ((row, tile column) pairs per program, most tile columns side by side, warps; p: launched
-    with programmatic dependent launch, a: each pass loads the next pass's weights ahead)."""
+    with programmatic dependent launch, a: each step of the tile loop loads the next step's weights
+    before decoding its own)."""
     from sparsemix.kernels import PAD_ROWS, FixedConfig
 
     meta = built[0].fixed_meta

@@ -343,7 +343,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
         accs = ()  # fp32 sums, one per token of the pass
         for j in tl.static_range(BT):
             accs = accs + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32),)
-        if AHEAD:  # a spare tile of a ragged last pass (t >= n_tiles) loads nothing and reads x as 0
+        if AHEAD:  # a spare tile of a ragged last step (t >= n_tiles) loads nothing and reads x as 0
             following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
                                    inside & (split < n_tiles), split, P, GROUP_SIZE, W, DENSE, GROUPED)
             if PDL:  # weights above, x below
@@ -360,7 +360,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                     t = tl.where(x_ok, t, 0)
                 grid, index, tile_words = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows,
                                                      rows, local, inside, t, P, GROUP_SIZE, W, DENSE, GROUPED)
-                if PDL:  # weights above, x below; waits after the first pass's are no-ops
+                if PDL:  # weights above, x below; waits after the first step's are no-ops
                     tl.extra.cuda.gdc_wait()
             if GROUPED:
                 zz, s = grid
@@ -486,7 +486,7 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
 
     Programmatic dependent launch where it measured faster (H100, from DRAM, 3/4/5 bits; records
     benchmarks/results-h100-matvec2[023]-*.jsonl): 2:4 at batch 1 (6-22% faster on every shape; 10-23%
-    slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 passes (13-17%
+    slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 steps (13-17%
     faster at 4096 x 4096 and at batch 4). Dense at batch 1 loads ahead, with PDL on every shape:
     at 4 bits 2-4% faster than the best of PDL alone, ahead alone or neither. 2:4 loading ahead takes
     up to 104 registers and was slower on every shape (records benchmarks/results-h100-matvec24-ahead.txt)."""
@@ -496,9 +496,9 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
         pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
     elements = pairs * 32 * warps
     split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
-    passes = -(-(cols // tile) // split)
+    steps = -(-(cols // tile) // split)  # of the tile loop, SPLIT tiles each
     ahead = batch == 1 and tile == 32  # 32-column tiles: the dense arrangement
-    pdl = batch == 1 if tile == 64 else passes <= 2 or ahead
+    pdl = batch == 1 if tile == 64 else steps <= 2 or ahead
     return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl, ahead)
 
 
@@ -506,6 +506,12 @@ def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
     return meta["config"] or fixed_config(padded_rows, cols, tile_columns(meta["dense"]), meta["sms"], batch)
+
+
+def uses_pdl(meta: dict, config: FixedConfig) -> bool:
+    """Whether ``config`` launches on the ``fixed_meta`` arrangement ``meta`` with programmatic dependent
+    launch: the policy (or an override) asks for it and the GPU has it (``meta["pdl"]``)."""
+    return meta["pdl"] and config.pdl
 
 
 def _pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -606,7 +612,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
     config = launch_config(meta, cols, batch)
     words = x.view(torch.int32 if meta["dense"] else torch.int64)
-    pdl = meta["pdl"] and config.pdl
+    pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
