@@ -47,8 +47,9 @@ def _loop(ins: list[tuple[int, str]]) -> int:
 
 
 def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 4096) -> dict:
-    """The fixed-position kernel's tile loop (dense or 2:4) at the shape ``fixed_config`` picks for
-    4096 rows and ``cols`` columns, ``tokens`` per pass; per weight = per column position (kept or pruned)."""
+    """The fixed-position kernel's tile loop (dense: tensor cores, or 2:4) at the shape ``fixed_config``
+    picks for 4096 rows, ``cols`` columns and ``tokens`` tokens; per weight = per column position (kept
+    or pruned)."""
     tile = kernels.tile_columns(dense)
     config = kernels.fixed_config(4096, cols, tile, sms=132, batch=tokens)  # an H100's choice for 4096 rows
     block_r, split = config.rows, config.split
@@ -57,13 +58,15 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 409
     types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
+    passes = -(-tokens // kernels.MMA_TOKENS) if dense else tokens  # token blocks per mma (dense), tokens per pass (2:4)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
-                 BT=tokens, USE_ASM=True, PDL=True, AHEAD=config.ahead,
+                 BT=passes, USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, X_AHEAD=config.x_ahead,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
-    elements_per_thread = block_r * split / (32 * config.warps)
+    # (row, tile) pairs a thread decodes per step: dense, rows p and p + 8 of its tile; 2:4, its share of the block
+    pairs = 2 if dense else block_r * split / (32 * config.warps)
     return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,
-            "per_weight": round(body / (tile * elements_per_thread), 1)}
+            "per_weight": round(body / (tile * pairs), 1)}
 
 
 def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:

@@ -76,16 +76,16 @@ def test_fixed_position_kernel_matches_dequantise_then_matmul():
 
 
 def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes():
-    """Rows per program, tiles side by side, warps and loading ahead change which program and thread
-    take a (row, tile) pair and when, never the product: ragged splits, programs spanning segments,
-    batches of one and of two passes."""
+    """Rows per program, column walks side by side, warps and loading ahead change which program and
+    thread take a (row, tile) pair and when, never the product: ragged splits, programs spanning
+    segments, batches of one and of two passes (2:4) or mma token blocks (dense)."""
     pytest.importorskip("triton")
     from sparsemix.kernels import FixedConfig, packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
-    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 6)):  # 5 tiles either way
+    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 6), (160, 0.5, 11)):  # 5 tiles each
         bits = torch.tensor((2, 4, 6))[torch.randint(0, 3, (40,), generator=gen)]
         two_four = sparsity == "2:4"
         packed = random_packed(bits, cols, 0.5 if two_four else sparsity, cols, gen, two_four=two_four)
@@ -93,8 +93,13 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         x = torch.randn(batch, cols, generator=gen).half()
         reference = x.float() @ dequantise(packed).float().T
         packed_matmul(x.to(device), module)
-        for config in (FixedConfig(16, 2, 2), FixedConfig(16, 2, 2, ahead=True), FixedConfig(32, 4, 4),
-                       FixedConfig(64, 8, 8, ahead=True)):
+        if two_four:
+            configs = (FixedConfig(16, 2, 2), FixedConfig(16, 2, 2, ahead=1), FixedConfig(32, 4, 4),
+                       FixedConfig(64, 8, 8, ahead=1))
+        else:  # warps = split * rows / 16
+            configs = (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3, x_ahead=2),
+                       FixedConfig(32, 2, 4, pdl=False, ahead=1, x_ahead=1), FixedConfig(64, 1, 4, ahead=2))
+        for config in configs:
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
@@ -140,23 +145,27 @@ def test_chained_layers_read_their_input_only_after_the_previous_layer_wrote_it(
 
 def test_launch_shapes_fill_their_programs_exactly():
     pytest.importorskip("triton")
-    from sparsemix.kernels import PAD_ROWS, fixed_config
+    from sparsemix.kernels import PAD_ROWS, FixedConfig, fixed_config
 
     for rows in (16, 576, 4096, 11008, 28672):
         for cols, tile in ((64, 64), (576, 64), (4096, 32), (11008, 64), (11008, 32)):
             for batch in (1, 2, 16):
                 config = fixed_config(rows, cols, tile, 132, batch)
-                pairs = config.rows * config.split // (32 * config.warps)
                 assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
+                if tile == 32:  # dense: a warp per 16 rows and column walk
+                    assert config.warps * PAD_ROWS == config.rows * config.split, (rows, cols, batch, config)
+                    continue
+                pairs = config.rows * config.split // (32 * config.warps)
                 assert config.split <= max(cols // tile, 1) * 2  # never more than twice the tiles there are
                 assert pairs == (2 if batch == 1 else 4) or config.rows == PAD_ROWS, (rows, cols, batch, config)
     assert fixed_config(4096, 4096, 64, 132, 1).warps == 16  # 256 programs of 16 rows: wide ones
     assert fixed_config(11008, 4096, 64, 132, 1).warps == 8  # 688 programs: more of them in flight
     assert fixed_config(4096, 4096, 64, 132, 1).pdl and not fixed_config(4096, 4096, 64, 132, 4).pdl  # 2:4
-    assert fixed_config(4096, 4096, 32, 132, 16).pdl and not fixed_config(4096, 11008, 32, 132, 4).pdl  # dense
-    assert all(fixed_config(rows, cols, 32, 132, 1).ahead and fixed_config(rows, cols, 32, 132, 1).pdl
-               for rows, cols in ((4096, 4096), (4096, 11008), (11008, 4096)))  # dense at batch 1
-    assert not fixed_config(4096, 4096, 64, 132, 1).ahead and not fixed_config(4096, 4096, 32, 132, 4).ahead
+    assert not fixed_config(4096, 4096, 64, 132, 1).ahead
+    # dense: programs in one wave (at most 2 of 16 rows or 3 of 32 per multiprocessor), x ahead while registers allow
+    assert fixed_config(4096, 11008, 32, 132, 1) == fixed_config(4096, 4096, 32, 132, 4) == FixedConfig(16, 8, 8, True, 2, 2)
+    assert fixed_config(11008, 4096, 32, 132, 1) == FixedConfig(32, 4, 8, True, 2, 0)
+    assert fixed_config(4096, 4096, 32, 132, 16).x_ahead == 0  # two token blocks: twice the x registers
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

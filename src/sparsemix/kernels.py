@@ -173,27 +173,26 @@ def _packed_matmul_kernel(
 # When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning) a row's k-th code
 # belongs to column group k // 2; without a mask, to column k. Unstructured masks are made dense at
 # load (a pruned weight coded at its row's zero point, which dequantises to exactly 0). Code positions
-# are then fixed and the kernel needs no ranks. ``fixed_meta`` rearranges the layer so that the hot
-# loop is fp16x2 arithmetic on CUDA cores, about 11 SASS instructions per 2:4 group of 4 columns
-# (``benchmarks/kernel_sass.py``; the general kernel above takes about 22 per column). A group is
-# 2 consecutive columns (dense) or 4 columns keeping 2 (2:4):
+# are then fixed and the kernel needs no ranks. A group is 2 consecutive columns (dense) or 4 columns
+# keeping 2 (2:4); a tile is 16 groups. Dense layers are multiplied on the tensor cores (see "the
+# tensor-core path" below). 2:4 layers run fp16x2 arithmetic on CUDA cores, about 11 SASS instructions
+# per group (``benchmarks/kernel_sass.py``; the general kernel above takes about 22 per column):
 #
 # * a group's two codes sit at the same bits of the two halves of one 32-bit word (a tile's first
 #   codes in the low halves, second codes in the high halves), so one shift and one LOP3 give both as
 #   fp16 1024 + code (the exponent trick), and HSUB2/HMUL2 give the fp16 weights exactly as
 #   ``dequantise`` rounds them;
-# * 2:4: a group's two kept columns (2 bits each) become a PRMT byte selector by one IMAD, and one
-#   PRMT picks their two x values out of the group's 4 (dense: the group's 2 x values as they are);
+# * a group's two kept columns (2 bits each) become a PRMT byte selector by one IMAD, and one PRMT
+#   picks their two x values out of the group's 4;
 # * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator (products
 #   and 8-product partial sums are rounded to fp16, as in fp16x2 GEMV kernels such as ExLlama's; the
 #   benchmark reports the error against dequantise-then-matmul).
 #
-# Element (k, r) of a program's [SPLIT, BLOCK_R] block walks tiles (16 groups) k, k + SPLIT, ... of
-# row r; rows are padded to runs of 16 so a thread loads its 2 or 4 rows (``fixed_config``) with one
-# vector load and shares its x loads between them; the program sums its rows over the tiles itself:
-# no atomics. Each decoded weight serves up to TOKENS_PER_PASS tokens; larger batches make more passes
-# in the same launch. Where ``fixed_config`` says so (dense layers at batch 1), each step of the tile
-# loop loads the next step's weights before decoding its own.
+# Element (k, r) of a 2:4 program's [SPLIT, BLOCK_R] block walks tiles k, k + SPLIT, ... of row r;
+# rows are padded to runs of 16 so a thread loads its 2 or 4 rows (``fixed_config``) with one vector
+# load and shares its x loads between them; the program sums its rows over the tiles itself: no
+# atomics. Each decoded weight serves up to TOKENS_PER_PASS tokens; larger batches make more passes in
+# the same launch.
 
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
@@ -231,15 +230,12 @@ def _weights(v, zz, s, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _dot(index, xa, xb, w, part, UPPER: tl.constexpr, DENSE: tl.constexpr, USE_ASM: tl.constexpr):
-    """part + w * x for one group and one token, fp16 pairs in int32 (``w`` the group's 2 weights).
-    DENSE: the group is 2 columns and ``xa`` their x. 2:4: the group is 4 columns, ``xa``, ``xb`` their
-    x, and ``index`` has the lower and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and
+def _dot(index, xa, xb, w, part, UPPER: tl.constexpr, USE_ASM: tl.constexpr):
+    """part + w * x for one 2:4 group and one token, fp16 pairs in int32 (``w`` the group's 2 weights):
+    the group is 4 columns, ``xa``, ``xb`` their x, and ``index`` has the lower and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and
     3 when UPPER); the PRMT selector byte of column c is 0x10 + 0x22 c: the two bytes of x value c."""
     if USE_ASM:
-        if DENSE:
-            code: tl.constexpr = "fma.rn.f16x2 $0, $4, $2, $5;"
-        elif UPPER:
+        if UPPER:
             code: tl.constexpr = ("{ .reg .b32 sel, xs; mad.hi.u32 sel, $1, 2228224, 4112; prmt.b32 xs, $2, $3, sel; "
                                   "fma.rn.f16x2 $0, $4, xs, $5; }")
         else:
@@ -248,18 +244,15 @@ def _dot(index, xa, xb, w, part, UPPER: tl.constexpr, DENSE: tl.constexpr, USE_A
         return tl.inline_asm_elementwise(code, "=r,r,r,r,r,r", [index, xa, xb, w, part], dtype=tl.int32,
                                          is_pure=True, pack=1)
     else:  # the same arithmetic for Triton's CPU interpreter
-        if DENSE:
-            words = xa
-        else:
-            index = index.to(tl.uint32, bitcast=True)
-            if UPPER:
-                index = index >> 16
-            sel = index * 34 + 4112
-            words = tl.zeros_like(sel)
-            for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
-                n = (sel >> (4 * i)) & 7
-                source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
-                words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
+        index = index.to(tl.uint32, bitcast=True)
+        if UPPER:
+            index = index >> 16
+        sel = index * 34 + 4112
+        words = tl.zeros_like(sel)
+        for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
+            n = (sel >> (4 * i)) & 7
+            source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
+            words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
         x_lo, x_hi = _halves(words)
         w_lo, w_hi = _halves(w)
         p_lo, p_hi = _halves(part)
@@ -295,19 +288,16 @@ def _codes(prev, cur, exponent, g: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local, inside, t, P, GROUP_SIZE,
-               W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr):
-    """What tiles ``t`` [SPLIT, 1] of rows ``rows`` [1, BLOCK_R] read besides x: (grid (zz, s) when
-    GROUPED, else (); 2:4 index words (m0, m1), else (); the tile's W code words). Masked-off
-    elements (``inside`` false) read zeros and no memory."""
-    TILE_COLS: tl.constexpr = 32 if DENSE else 64
+               W: tl.constexpr, GROUPED: tl.constexpr):
+    """What 2:4 tiles ``t`` [SPLIT, 1] of rows ``rows`` [1, BLOCK_R] read besides x: (grid (zz, s) when
+    GROUPED, else (); the index words (m0, m1); the tile's W code words). Masked-off elements
+    (``inside`` false) read zeros and no memory."""
     grid = ()
     if GROUPED:  # group size a multiple of the tile: one group per tile
-        g = (t * TILE_COLS) // GROUP_SIZE
+        g = (t * 64) // GROUP_SIZE
         grid = (tl.load(zz_ptr + g * P + rows, mask=inside, other=0), tl.load(scale_ptr + g * P + rows, mask=inside, other=0))
-    index = ()
-    if not DENSE:
-        index = (tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True),
-                 tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True))
+    index = (tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True),
+             tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True))
     words = codes_ptr + word_base + t * W * seg_rows + local
     tile_words = ()  # each code word loaded once
     for h in tl.static_range(W):
@@ -318,10 +308,10 @@ def _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, row
 @triton.jit
 def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
                  row0, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
-                 W: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
+                 W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
                  PDL: tl.constexpr, AHEAD: tl.constexpr):
-    """Padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
+    """2:4 padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
     (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
     once per pass). AHEAD: each step of the tile loop loads the next step's weights (its next SPLIT
     tiles) before decoding its own, so their latency hides behind the arithmetic (more registers).
@@ -335,7 +325,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
     local = rows - seg_row0
     inside = ours[None, :]
     split = tl.arange(0, SPLIT)[:, None]
-    n_tiles = K // (32 if DENSE else 64)
+    n_tiles = K // 64
     if not GROUPED:  # one grid per row
         zz = tl.load(zz_ptr + rows, mask=inside, other=0)
         s = tl.load(scale_ptr + rows, mask=inside, other=0)
@@ -345,7 +335,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
             accs = accs + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32),)
         if AHEAD:  # a spare tile of a ragged last step (t >= n_tiles) loads nothing and reads x as 0
             following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
-                                   inside & (split < n_tiles), split, P, GROUP_SIZE, W, DENSE, GROUPED)
+                                   inside & (split < n_tiles), split, P, GROUP_SIZE, W, GROUPED)
             if PDL:  # weights above, x below
                 tl.extra.cuda.gdc_wait()
         for i in range(0, n_tiles, SPLIT):
@@ -354,27 +344,25 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
             if AHEAD:
                 grid, index, tile_words = following
                 following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
-                                       inside & (t + SPLIT < n_tiles), t + SPLIT, P, GROUP_SIZE, W, DENSE, GROUPED)
+                                       inside & (t + SPLIT < n_tiles), t + SPLIT, P, GROUP_SIZE, W, GROUPED)
             else:
                 if not EVEN:  # a spare tile repeats tile 0 with x read as 0
                     t = tl.where(x_ok, t, 0)
                 grid, index, tile_words = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows,
-                                                     rows, local, inside, t, P, GROUP_SIZE, W, DENSE, GROUPED)
+                                                     rows, local, inside, t, P, GROUP_SIZE, W, GROUPED)
                 if PDL:  # weights above, x below; waits after the first step's are no-ops
                     tl.extra.cuda.gdc_wait()
             if GROUPED:
                 zz, s = grid
             # 0x64006400 taken from 1024 + zero (< 2048) in a register: as an immediate the compiler
-            # re-materialises it in the loop (benchmarks/kernel_sass.py: 261 -> 234 instructions, dense 4 bits)
+            # re-materialises it in the loop (benchmarks/kernel_sass.py: 380 -> 352 instructions, 4 bits)
             exponent = zz & -67044352  # 0xFC00FC00
             for grp in tl.static_range(16):
                 if grp % 4 == 0:  # fp16 pair sums of 4 groups (8 products), one per token
                     parts = ()
                     for j in tl.static_range(BT):
                         parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
-                if DENSE:
-                    selector = tile_words[0]  # unused
-                elif grp < 8:
+                if grp < 8:
                     selector = (index[0] >> (2 * (grp % 4))) & 0x03030303
                 else:
                     selector = (index[1] >> (2 * (grp % 4))) & 0x03030303
@@ -385,16 +373,11 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
                     w = tile_words[grp]
                 updated = ()
                 for j in tl.static_range(BT):
-                    # x of this group and token: 2 fp16 in an int32 (dense), 4 in an int64 (2:4)
+                    # x of this group and token: 4 fp16 in an int64
                     token_ok = x_ok & (split * 0 + b0 + j < B)
                     xg = tl.load(x_ptr + (b0 + j) * X_STRIDE + t * 16 + grp, mask=token_ok, other=0)
-                    if DENSE:
-                        xa = xg
-                        xb = xg  # unused
-                    else:
-                        xa = xg.to(tl.int32)
-                        xb = (xg >> 32).to(tl.int32)
-                    updated = updated + (_dot(selector, xa, xb, w, parts[j], (grp % 8) >= 4, DENSE, USE_ASM),)
+                    updated = updated + (_dot(selector, xg.to(tl.int32), (xg >> 32).to(tl.int32), w, parts[j],
+                                              (grp % 8) >= 4, USE_ASM),)
                 parts = updated
                 if grp % 4 == 3:  # the 4 groups' fp16 pair sums into fp32
                     flushed = ()
@@ -405,6 +388,230 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
             y = tl.sum(accs[j], axis=0)
             token_ok = (target >= 0) & (out * 0 + b0 + j < B)
             tl.store(y_ptr + (b0 + j) * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=token_ok)
+
+
+# --- the tensor-core path: dense and unstructured layers ------------------------------------------------
+# The dense arrangement above, multiplied by mma.sync m16n8k16 (fp16 in, fp32 accumulate). A warp takes
+# 16 rows and 4 tiles side by side per step. Lane l (row pair p = l // 4, quad q = l % 4) decodes the
+# 16 groups of tile q in rows p and p + 8 into the A fragments of 8 mmas (mma m: groups 2m and 2m + 1
+# at k positions 2q, 2q + 1 and 8 + 2q, 8 + 2q + 1) and loads, as the B fragment, x of token p at the
+# same columns: each mma's 16 k positions run over 4 tiles' columns, in an order A and B agree on.
+# One mma serves 8 tokens, so batches up to 8 decode each weight once. (code - zero) is exact in fp16
+# and its product with x exact in fp32, so layers with one grid per row apply the scale once per row
+# after the loop; grouped layers scale each weight in fp16 (HMUL2), as ``dequantise`` rounds it.
+
+MMA_TOKENS = 8  # tokens per mma (its n)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, USE_ASM: tl.constexpr):
+    """D = A B + C per warp, mma.sync m16n8k16: a0..a3 a lane's fp16 pairs of A (rows p, p + 8 at k
+    2q.., then rows p, p + 8 at k 8 + 2q..), b0, b1 its pairs of B (k 2q.. and 8 + 2q.., column p), c0..c3
+    fp32 C at (row p, columns 2q, 2q + 1) and (row p + 8, the same columns). Tensors of one element per
+    thread, element i in thread i (lane i % 32)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+            [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:  # the interpreter: the same sums from the whole block's fragments, [warps, p, q] per lane
+        n: tl.constexpr = a0.shape[0] // 32
+        top_lo, top_hi = _halves(a0.reshape(n, 8, 1, 4))  # A[p, 2q + i] as [warp, p, 1, q]
+        bottom_lo, bottom_hi = _halves(a1.reshape(n, 8, 1, 4))
+        top_lo8, top_hi8 = _halves(a2.reshape(n, 8, 1, 4))
+        bottom_lo8, bottom_hi8 = _halves(a3.reshape(n, 8, 1, 4))
+        x_lo, x_hi = _halves(b0.reshape(n, 1, 8, 4))  # B[2q + i, column] as [warp, 1, column, q]
+        x_lo8, x_hi8 = _halves(b1.reshape(n, 1, 8, 4))
+        top = tl.sum(top_lo * x_lo + top_hi * x_hi + top_lo8 * x_lo8 + top_hi8 * x_hi8, axis=3)  # [warp, p, column]
+        bottom = tl.sum(bottom_lo * x_lo + bottom_hi * x_hi + bottom_lo8 * x_lo8 + bottom_hi8 * x_hi8, axis=3)
+        d0, d1 = tl.split(top.reshape(n, 8, 4, 2))  # columns 2q and 2q + 1 at lane (p, q)
+        d2, d3 = tl.split(bottom.reshape(n, 8, 4, 2))
+        return (c0 + d0.reshape(n * 32), c1 + d1.reshape(n * 32), c2 + d2.reshape(n * 32), c3 + d3.reshape(n * 32))
+
+
+@triton.jit
+def _less(v, zz, USE_ASM: tl.constexpr):
+    """v - zz for fp16 pairs in int32 (exact on codes and zero points)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("sub.rn.f16x2 $0, $1, $2;", "=r,r,r", [v, zz], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        v_lo, v_hi = _halves(v)
+        z_lo, z_hi = _halves(zz)
+        return _pair(v_lo - z_lo, v_hi - z_hi)
+
+
+# PTX of the vector loads of ``_words``: VECTOR words $0.. from address $VECTOR where $VECTOR+1 != 0 (zeros else)
+_LOAD2 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p ld.global.v2.b32 {$0, $1}, [$2]; }")
+_LOAD2_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; @p ld.global.v2.b32 {$0, $1}, [$2]; }")
+_LOAD4 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }")
+_LOAD4_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }")
+
+
+@triton.jit
+def _words(ptr, offset, ok, COUNT: tl.constexpr, VECTOR: tl.constexpr, ZERO: tl.constexpr, PURE: tl.constexpr,
+           USE_ASM: tl.constexpr):
+    """COUNT int32 words from word ``offset`` on (a multiple of VECTOR, 2 or 4), by loads of VECTOR words;
+    where not ``ok`` nothing is read and the words are zeros if ZERO, else undefined (no instructions to
+    zero them). PURE False keeps the loads after a PDL wait."""
+    out = ()
+    for i in tl.static_range(0, COUNT, VECTOR):
+        if USE_ASM:
+            address = (ptr + offset + i).to(tl.int64, bitcast=True)
+            if VECTOR == 4:
+                out = out + tl.inline_asm_elementwise(_LOAD4_ZEROS if ZERO else _LOAD4, "=r,=r,=r,=r,l,r",
+                                                      [address, ok.to(tl.int32)], dtype=(tl.int32,) * 4,
+                                                      is_pure=PURE, pack=1)
+            else:
+                out = out + tl.inline_asm_elementwise(_LOAD2_ZEROS if ZERO else _LOAD2, "=r,=r,l,r",
+                                                      [address, ok.to(tl.int32)], dtype=(tl.int32,) * 2,
+                                                      is_pure=PURE, pack=1)
+        else:
+            for j in tl.static_range(VECTOR):
+                out = out + (tl.load(ptr + offset + i + j, mask=ok, other=0),)
+    return out
+
+
+@triton.jit
+def _mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, inside, tile, P, GROUP_SIZE, GROUPS,
+              W: tl.constexpr, GROUPED: tl.constexpr, USE_ASM: tl.constexpr):
+    """What a lane reads of tile ``tile`` (of its run of 4 tiles ``run``) besides x: (grids (zz, s) of
+    rows top and top + 8 when GROUPED, else (); the W code words of row top; those of row top + 8)."""
+    grid = ()
+    if GROUPED:  # group size a multiple of the tile: one group per tile
+        g = (tile * 32) // GROUP_SIZE
+        grid = (tl.load(zz_ptr + g * P + top, mask=inside, other=0), tl.load(scale_ptr + g * P + top, mask=inside, other=0),
+                tl.load(zz_ptr + g * P + top + 8, mask=inside, other=0),
+                tl.load(scale_ptr + g * P + top + 8, mask=inside, other=0))
+    # codes decode to finite fp16 whatever their bits, so skipped words need no zeros (x is 0 there); fp16 rows do
+    words = _words(codes_ptr, word_base + (run * 32 + lane) * (2 * W), inside, 2 * W, 4 if W % 2 == 0 else 2, W == 16,
+                   True, USE_ASM)
+    upper, lower = (), ()
+    for h in tl.static_range(W):
+        upper = upper + (words[h].to(tl.uint32, bitcast=True),)
+        lower = lower + (words[W + h].to(tl.uint32, bitcast=True),)
+    return grid, upper, lower
+
+
+@triton.jit
+def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GROUPED: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED)."""
+    if W == 16:
+        return words[grp].to(tl.int32, bitcast=True)
+    v = _codes(words[(grp * W) // 16], words[(grp * W + W - 1) // 16], exponent, grp, W).to(tl.int32, bitcast=True)
+    if GROUPED:
+        return _weights(v, zz, s, USE_ASM)
+    return _less(v, zz, USE_ASM)
+
+
+@triton.jit
+def _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+    """Per block of 8 tokens, the 16 x words (32 columns) of tile ``tile`` for token p = lane // 4 of the
+    block: zeros where not ``ok`` (a spare tile: never when EVEN). Past the batch, the last token's
+    (its mma output columns are not stored)."""
+    xs = ()
+    for nb in tl.static_range(NB):
+        token = tl.minimum(nb * 8 + lane // 4, B - 1)
+        xs = xs + (_words(x_ptr, token * X_STRIDE + tile * 16, ok | EVEN, 16, 4, not EVEN, False, USE_ASM),)
+    return xs
+
+
+@triton.jit
+def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows, P, K,
+               GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
+               SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+               AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
+    """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
+    on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
+    warp walking every SPLIT-th run of 4 tiles (see above); the column walks are summed at the end."""
+    BLOCKS: tl.constexpr = BLOCK_R // 16
+    N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
+    e = tl.arange(0, N)
+    lane = e % 32
+    block = (e // 32) % BLOCKS
+    side = e // (32 * BLOCKS)
+    quad = lane % 4
+    top = row0 + block * 16 + lane // 4  # its rows: top and top + 8 (padded row indices)
+    local = top - seg_row0
+    inside = local < seg_rows  # segments are whole blocks of 16 rows
+    n_tiles = K // 32
+    GROUPS = tl.cdiv(n_tiles, 4)  # runs of 4 tiles per 16 rows
+    runs_before = (local // 16) * GROUPS  # the runs of the segment's blocks above this one
+    if not GROUPED:  # one grid per row
+        zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
+        zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
+        s_top = zz_top  # unused
+        s_bottom = zz_top
+    exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
+    accs = ()
+    for nb in tl.static_range(NB):
+        zero = tl.zeros([N], dtype=tl.float32)
+        accs = accs + ((zero, zero, zero, zero),)
+    STRIDE: tl.constexpr = 4 * SPLIT  # tiles per step of the loop
+    pending = ()  # the next AHEAD steps' loads: weights, then x after the PDL wait
+    for d in tl.static_range(AHEAD):
+        tile = d * STRIDE + side * 4 + quad
+        pending = pending + (_mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, runs_before + d * SPLIT + side,
+                                       inside & (tile < n_tiles), tile, P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM),)
+    if PDL:  # weights above, x below
+        tl.extra.cuda.gdc_wait()
+    xs_pending = ()
+    for d in tl.static_range(X_AHEAD):
+        tile = d * STRIDE + side * 4 + quad
+        xs_pending = xs_pending + (_mma_x(x_ptr, tile, tile < n_tiles, lane, B, X_STRIDE, NB, EVEN, USE_ASM),)
+    for first in range(0, n_tiles, STRIDE):
+        tile = first + side * 4 + quad
+        run = runs_before + first // 4 + side
+        ok = (tile < n_tiles) | EVEN
+        if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
+            grid, upper, lower = pending[0]
+            later = tile + AHEAD * STRIDE
+            queued = ()
+            for d in tl.static_range(1, AHEAD):
+                queued = queued + (pending[d],)
+            pending = queued + (_mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run + AHEAD * SPLIT,
+                                          inside & (later < n_tiles), later, P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM),)
+        else:
+            grid, upper, lower = _mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, inside & ok, tile,
+                                           P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM)
+        if X_AHEAD > 0:
+            xs = xs_pending[0]
+            later = tile + X_AHEAD * STRIDE
+            queued = ()
+            for d in tl.static_range(1, X_AHEAD):
+                queued = queued + (xs_pending[d],)
+            xs_pending = queued + (_mma_x(x_ptr, later, later < n_tiles, lane, B, X_STRIDE, NB, EVEN, USE_ASM),)
+        else:
+            xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
+        if GROUPED:
+            zz_top, s_top, zz_bottom, s_bottom = grid
+        for m in tl.static_range(8):
+            a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, USE_ASM)
+            a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, USE_ASM)
+            a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
+            a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
+            updated = ()
+            for nb in tl.static_range(NB):
+                c0, c1, c2, c3 = accs[nb]
+                updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
+            accs = updated
+    # the column walks summed: element side * 32 BLOCKS + block * 32 + lane -> block * 32 + lane
+    f = tl.arange(0, 32 * BLOCKS)
+    top = row0 + (f // 32) * 16 + (f % 32) // 4
+    inside = top - seg_row0 < seg_rows
+    column = 2 * (f % 4)  # of the mma's output: its token in the block
+    scales = (1.0, 1.0)
+    if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
+        scales = (_halves(tl.load(scale_ptr + top, mask=inside, other=0))[0],
+                  _halves(tl.load(scale_ptr + top + 8, mask=inside, other=0))[0])
+    for half in tl.static_range(2):  # rows top, top + 8
+        target = tl.load(perm_ptr + top + 8 * half, mask=inside, other=-1)
+        for nb in tl.static_range(NB):
+            for j in tl.static_range(2):
+                y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
+                token = nb * 8 + column + j
+                tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=(target >= 0) & (token < B))
 
 
 @triton.jit
@@ -429,14 +636,14 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
-    program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch).
+    program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch);
+    DENSE layers on the tensor cores (``_mma_block``), 2:4 layers in fp16x2 (``_fixed_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
     as every program here has started, and this one waits for its predecessor only before reading x."""
-    TILE_COLS: tl.constexpr = 32 if DENSE else 64
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -447,12 +654,20 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
             programs = tl.cdiv(seg_rows, BLOCK_R)
             if (pid >= first) & (pid < first + programs):
                 row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
-                _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
-                             tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
-                             B, X_STRIDE, Y_STRIDE, w, DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
+                if DENSE:
+                    _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, tl.multiple_of(word_base, 16),
+                               tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w,
+                               GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD, X_AHEAD)
+                else:
+                    _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
+                                 tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
+                                 B, X_STRIDE, Y_STRIDE, w, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
             first += programs
             seg_row0 += seg_rows
-            word_base += (K // TILE_COLS) * w * seg_rows
+            if DENSE:  # whole runs of 4 tiles of 32 columns
+                word_base += tl.cdiv(K // 32, 4) * 4 * w * seg_rows
+            else:  # tiles of 64 columns
+                word_base += (K // 64) * w * seg_rows
 
 
 def tile_columns(dense: bool) -> int:
@@ -463,43 +678,46 @@ def tile_columns(dense: bool) -> int:
 @dataclass(frozen=True)
 class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
-    ``split`` tiles of each row walked side by side (a power of 2), ``warps`` per program, whether to
-    launch it with programmatic dependent launch where the GPU has it (Hopper on), and whether each
-    step of the tile loop loads the next step's weights before decoding its own (``ahead``: more
-    registers)."""
+    ``split`` column walks side by side (a power of 2; 2:4: tiles of each row, dense: warps per 16 rows,
+    so ``warps`` = split * rows / 16), ``warps`` per program, whether to launch it with programmatic
+    dependent launch where the GPU has it (Hopper on), how many steps of the loop ahead the weights are
+    loaded (``ahead``; 2:4: 0 or 1) and, dense only, x (``x_ahead``). Loading ahead costs registers."""
     rows: int
     split: int
     warps: int
     pdl: bool = True
-    ahead: bool = False
+    ahead: int = 0
+    x_ahead: int = 0
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
 def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> FixedConfig:
     """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows and ``cols`` columns in
-    tiles of ``tile`` columns, on a GPU of ``sms`` multiprocessors. Batch 1 reads its weights from DRAM
-    at best with 2 (row, tile) pairs per thread (fewer registers, more programs in flight) and 16 warps
-    while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the tiles side by
-    side. Larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing each x load,
-    8 warps. From sweeps on an H100 (benchmarks/results-h100-matvec17-*.jsonl): at batch 1 the fastest
-    of six shapes from DRAM, or within 1% of it, on each benchmark layer.
+    tiles of ``tile`` columns (32: dense, 64: 2:4), on a GPU of ``sms`` multiprocessors.
 
-    Programmatic dependent launch where it measured faster (H100, from DRAM, 3/4/5 bits; records
-    benchmarks/results-h100-matvec2[023]-*.jsonl): 2:4 at batch 1 (6-22% faster on every shape; 10-23%
-    slower at batches 4 and 16) and dense when each row walks its tiles in at most 2 steps (13-17%
-    faster at 4096 x 4096 and at batch 4). Dense at batch 1 loads ahead, with PDL on every shape:
-    at 4 bits 2-4% faster than the best of PDL alone, ahead alone or neither. 2:4 loading ahead takes
-    up to 104 registers and was slower on every shape (records benchmarks/results-h100-matvec24-ahead.txt)."""
+    Dense (tensor cores): 8 warps; one block of 16 rows per program while they number at most 2 per
+    multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
+    wave. Weights are loaded 2 steps ahead, and x 2 steps ahead where 2 programs per multiprocessor
+    leave registers for it (1 block per program, up to 8 tokens). From A/B sweeps on an H100 at 4 bits
+    (records benchmarks/results-h100-matvec26-mma.txt): the fastest of the shapes tried, from DRAM.
+
+    2:4 (fp16x2): batch 1 reads its weights from DRAM at best with 2 (row, tile) pairs per thread and
+    16 warps while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the
+    tiles side by side; larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing
+    each x load, 8 warps (benchmarks/results-h100-matvec17-*.jsonl). Programmatic dependent launch at
+    batch 1 only (6-22% faster; 10-23% slower at batches 4 and 16; matvec2[023]). Loading ahead takes
+    up to 104 registers and was slower on every shape (benchmarks/results-h100-matvec24-ahead.txt)."""
+    if tile == 32:
+        blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
+        x_ahead = 2 if blocks == 1 and batch <= MMA_TOKENS else 0
+        return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2, x_ahead)
     if batch > 1:
         pairs, warps = 4, 8
     else:
         pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
     elements = pairs * 32 * warps
     split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
-    steps = -(-(cols // tile) // split)  # of the tile loop, SPLIT tiles each
-    ahead = batch == 1 and tile == 32  # 32-column tiles: the dense arrangement
-    pdl = batch == 1 if tile == 64 else steps <= 2 or ahead
-    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl, ahead)
+    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, batch == 1)
 
 
 def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
@@ -525,13 +743,17 @@ def fixed_meta(module) -> dict | None:
     tiles); a pruned weight of an unstructured mask becomes the code of its row's zero point, which
     dequantises to exactly 0 (fp16 rows: +0), so the kernel reads 4 bits per column where the file
     stores about 3 (50% kept at 4 bits plus the bitmask) but runs without ranks. None when the
-    columns or scale groups are not whole tiles, or a zero point is not a code (never from
-    ``quantizer``), leaving the layer to the general kernel.
+    columns or scale groups are not whole tiles, a zero point is not a code (never from
+    ``quantizer``), or a dense layer is on a GPU without mma.sync m16n8k16 (before Ampere), leaving the
+    layer to the general kernel.
 
     Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
-    P padded rows in all. Per segment, codes int32 [tiles, W, padded rows]: word h of a tile holds
-    bits 16h.. of the stream of its 16 groups' first codes (W bits each) in its low half and of their
-    second codes in its high half. 2:4 ``index`` int32 [2 tiles, P]: word j of a tile has, for groups
+    P padded rows in all. A tile's W words per row hold bits 16h.. (word h) of the stream of its 16
+    groups' first codes (W bits each) in their low halves and of their second codes in their high
+    halves. Per segment, 2:4 codes int32 [tiles, W, padded rows]; dense codes int32 [blocks of 16 rows,
+    runs of 4 tiles (the last one padded with zeros), lane (p, q), row p or p + 8 of the block, W]:
+    lane (p, q) of the tensor-core path finds its tile q of rows p and p + 8 in 2W consecutive words.
+    2:4 ``index`` int32 [2 tiles, P]: word j of a tile has, for groups
     8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper at bits
     2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
@@ -542,6 +764,8 @@ def fixed_meta(module) -> dict | None:
     dense = "mask" not in packed.tensors or groups4 is None or not bool((groups4.sum(-1) == 2).all())
     tile = tile_columns(dense)
     if cols % tile or (group_size != cols and group_size % tile):
+        return None
+    if dense and device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] < 8:
         return None
     assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
     if not set(packed.widths) <= set(WIDTHS):
@@ -579,8 +803,10 @@ def fixed_meta(module) -> dict | None:
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
         planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
         halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
-        codes = torch.zeros(tiles, width, n_pad, dtype=torch.int32, device=device)
-        codes[:, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
+        codes = torch.zeros(-(-tiles // 4) * 4 if dense else tiles, width, n_pad, dtype=torch.int32, device=device)
+        codes[:tiles, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
+        if dense:  # the tensor-core path: [blocks of 16 rows, runs of 4 tiles, lane (p, q), row p or p + 8, word]
+            codes = codes.view(-1, 4, width, n_pad // 16, 2, 8).permute(3, 0, 5, 1, 4, 2)
         parts.append(codes.flatten())
         if not dense:
             index_words[:, real] = signed32(index[seg].flatten(1)).T
@@ -602,24 +828,31 @@ def fixed_meta(module) -> dict | None:
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
-TOKENS_PER_PASS = 4  # tokens sharing each decoded weight; more would spill registers
+TOKENS_PER_PASS = 4  # 2:4: tokens sharing each decoded weight; more would spill registers
 
 
 def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
     """x [batch, cols] fp16 -> x W^T [batch, rows] fp16 through the fixed-position kernel: one launch,
-    the weights read once per TOKENS_PER_PASS tokens."""
+    the weights read once per MMA_TOKENS (dense) or TOKENS_PER_PASS (2:4) tokens."""
     batch = x.shape[0]
+    dense = meta["dense"]
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
     config = launch_config(meta, cols, batch)
-    words = x.view(torch.int32 if meta["dense"] else torch.int64)
+    if dense:
+        assert config.warps * PAD_ROWS == config.rows * config.split, f"dense: warps = split * rows / 16, got {config}"
+        if x.data_ptr() % 16:  # 16-byte loads of x
+            x = x.clone()
+    words = x.view(torch.int32 if dense else torch.int64)
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
+    walked = config.split * (4 if dense else 1)  # tiles per step of the loop
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
-        PRESENT=meta["present"], DENSE=meta["dense"], GROUPED=group_size != cols, BLOCK_R=config.rows,
-        SPLIT=config.split, EVEN=(cols // tile_columns(meta["dense"])) % config.split == 0, BT=min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, num_warps=config.warps, launch_pdl=pdl,
+        PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
+        EVEN=(cols // tile_columns(dense)) % walked == 0, BT=-(-batch // MMA_TOKENS) if dense else min(batch, TOKENS_PER_PASS),
+        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=int(config.ahead), X_AHEAD=config.x_ahead, num_warps=config.warps,
+        launch_pdl=pdl,
     )
     return y
 
