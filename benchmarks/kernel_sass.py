@@ -60,7 +60,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 409
         names, types = names + ["B"], types + ["i32"]
     passes = -(-tokens // kernels.MMA_TOKENS) if dense else tokens  # token blocks per mma (dense), tokens per pass (2:4)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
-                 BT=passes, USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, X_AHEAD=config.x_ahead,
+                 BT=passes, USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
     # (row, tile) pairs a thread decodes per step: dense, rows p and p + 8 of its tile; 2:4, its share of the block

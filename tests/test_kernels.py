@@ -97,8 +97,8 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
             configs = (FixedConfig(16, 2, 2), FixedConfig(16, 2, 2, ahead=1), FixedConfig(32, 4, 4),
                        FixedConfig(64, 8, 8, ahead=1))
         else:  # warps = split * rows / 16
-            configs = (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3, x_ahead=2),
-                       FixedConfig(32, 2, 4, pdl=False, ahead=1, x_ahead=1), FixedConfig(64, 1, 4, ahead=2))
+            configs = (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
+                       FixedConfig(64, 1, 4, ahead=2))
         for config in configs:
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
@@ -162,10 +162,9 @@ def test_launch_shapes_fill_their_programs_exactly():
     assert fixed_config(11008, 4096, 64, 132, 1).warps == 8  # 688 programs: more of them in flight
     assert fixed_config(4096, 4096, 64, 132, 1).pdl and not fixed_config(4096, 4096, 64, 132, 4).pdl  # 2:4
     assert not fixed_config(4096, 4096, 64, 132, 1).ahead
-    # dense: programs in one wave (at most 2 of 16 rows or 3 of 32 per multiprocessor), x ahead while registers allow
-    assert fixed_config(4096, 11008, 32, 132, 1) == fixed_config(4096, 4096, 32, 132, 4) == FixedConfig(16, 8, 8, True, 2, 2)
-    assert fixed_config(11008, 4096, 32, 132, 1) == FixedConfig(32, 4, 8, True, 2, 0)
-    assert fixed_config(4096, 4096, 32, 132, 16).x_ahead == 0  # two token blocks: twice the x registers
+    # dense: programs in one wave (at most 2 of 16 rows per multiprocessor, else 32-row ones)
+    assert fixed_config(4096, 11008, 32, 132, 1) == fixed_config(4096, 4096, 32, 132, 16) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(11008, 4096, 32, 132, 1) == FixedConfig(32, 4, 8, True, 2)
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

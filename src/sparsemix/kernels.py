@@ -521,7 +521,7 @@ def _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.conste
 def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows, P, K,
                GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-               AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
+               AHEAD: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
     warp walking every SPLIT-th run of 4 tiles (see above); the column walks are summed at the end."""
@@ -541,25 +541,31 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_
     if not GROUPED:  # one grid per row
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
-        s_top = zz_top  # unused
-        s_bottom = zz_top
+        s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop
     exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
     accs = ()
     for nb in tl.static_range(NB):
         zero = tl.zeros([N], dtype=tl.float32)
         accs = accs + ((zero, zero, zero, zero),)
+    # what the stores need, per element block * 32 + lane of the column walks' sum, loaded before the
+    # loop so that its latency hides behind it: output rows (perm) and, one grid per row, their scales
+    f = tl.arange(0, 32 * BLOCKS)
+    out = row0 + (f // 32) * 16 + (f % 32) // 4
+    column = 2 * (f % 4)  # of the mma's output: its token in the block
+    mine = out - seg_row0 < seg_rows
+    targets = (tl.load(perm_ptr + out, mask=mine, other=-1), tl.load(perm_ptr + out + 8, mask=mine, other=-1))
+    scales = (1.0, 1.0)
+    if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
+        scales = (_halves(tl.load(scale_ptr + out, mask=mine, other=0))[0],
+                  _halves(tl.load(scale_ptr + out + 8, mask=mine, other=0))[0])
     STRIDE: tl.constexpr = 4 * SPLIT  # tiles per step of the loop
-    pending = ()  # the next AHEAD steps' loads: weights, then x after the PDL wait
+    pending = ()  # the next AHEAD steps' weights
     for d in tl.static_range(AHEAD):
         tile = d * STRIDE + side * 4 + quad
         pending = pending + (_mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, runs_before + d * SPLIT + side,
                                        inside & (tile < n_tiles), tile, P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM),)
     if PDL:  # weights above, x below
         tl.extra.cuda.gdc_wait()
-    xs_pending = ()
-    for d in tl.static_range(X_AHEAD):
-        tile = d * STRIDE + side * 4 + quad
-        xs_pending = xs_pending + (_mma_x(x_ptr, tile, tile < n_tiles, lane, B, X_STRIDE, NB, EVEN, USE_ASM),)
     for first in range(0, n_tiles, STRIDE):
         tile = first + side * 4 + quad
         run = runs_before + first // 4 + side
@@ -575,15 +581,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_
         else:
             grid, upper, lower = _mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, inside & ok, tile,
                                            P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM)
-        if X_AHEAD > 0:
-            xs = xs_pending[0]
-            later = tile + X_AHEAD * STRIDE
-            queued = ()
-            for d in tl.static_range(1, X_AHEAD):
-                queued = queued + (xs_pending[d],)
-            xs_pending = queued + (_mma_x(x_ptr, later, later < n_tiles, lane, B, X_STRIDE, NB, EVEN, USE_ASM),)
-        else:
-            xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
+        xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
         if GROUPED:
             zz_top, s_top, zz_bottom, s_bottom = grid
         for m in tl.static_range(8):
@@ -596,17 +594,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_
                 c0, c1, c2, c3 = accs[nb]
                 updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
             accs = updated
-    # the column walks summed: element side * 32 BLOCKS + block * 32 + lane -> block * 32 + lane
-    f = tl.arange(0, 32 * BLOCKS)
-    top = row0 + (f // 32) * 16 + (f % 32) // 4
-    inside = top - seg_row0 < seg_rows
-    column = 2 * (f % 4)  # of the mma's output: its token in the block
-    scales = (1.0, 1.0)
-    if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
-        scales = (_halves(tl.load(scale_ptr + top, mask=inside, other=0))[0],
-                  _halves(tl.load(scale_ptr + top + 8, mask=inside, other=0))[0])
     for half in tl.static_range(2):  # rows top, top + 8
-        target = tl.load(perm_ptr + top + 8 * half, mask=inside, other=-1)
+        target = targets[half]
         for nb in tl.static_range(NB):
             for j in tl.static_range(2):
                 y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
@@ -636,7 +625,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
     program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch);
     DENSE layers on the tensor cores (``_mma_block``), 2:4 layers in fp16x2 (``_fixed_block``).
@@ -657,7 +646,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 if DENSE:
                     _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, tl.multiple_of(word_base, 16),
                                tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w,
-                               GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD, X_AHEAD)
+                               GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
                 else:
                     _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                                  tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
@@ -681,13 +670,12 @@ class FixedConfig:
     ``split`` column walks side by side (a power of 2; 2:4: tiles of each row, dense: warps per 16 rows,
     so ``warps`` = split * rows / 16), ``warps`` per program, whether to launch it with programmatic
     dependent launch where the GPU has it (Hopper on), how many steps of the loop ahead the weights are
-    loaded (``ahead``; 2:4: 0 or 1) and, dense only, x (``x_ahead``). Loading ahead costs registers."""
+    loaded (``ahead``; 2:4: 0 or 1; more registers)."""
     rows: int
     split: int
     warps: int
     pdl: bool = True
     ahead: int = 0
-    x_ahead: int = 0
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
@@ -695,11 +683,12 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows and ``cols`` columns in
     tiles of ``tile`` columns (32: dense, 64: 2:4), on a GPU of ``sms`` multiprocessors.
 
-    Dense (tensor cores): 8 warps; one block of 16 rows per program while they number at most 2 per
-    multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
-    wave. Weights are loaded 2 steps ahead, and x 2 steps ahead where 2 programs per multiprocessor
-    leave registers for it (1 block per program, up to 8 tokens). From A/B sweeps on an H100 at 4 bits
-    (records benchmarks/results-h100-matvec26-mma.txt): the fastest of the shapes tried, from DRAM.
+    Dense (tensor cores): 8 warps, weights loaded 2 steps ahead; one block of 16 rows per program while
+    they number at most 2 per multiprocessor, else 2 blocks (4 warps each along the columns), so that
+    all programs run in one wave (about 70-80 registers a thread, 3 programs per multiprocessor). From
+    A/B sweeps on an H100 at 4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt):
+    fastest or within 3% on each shape; loading further ahead, loading x ahead, more warps per block or
+    capping registers was slower.
 
     2:4 (fp16x2): batch 1 reads its weights from DRAM at best with 2 (row, tile) pairs per thread and
     16 warps while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the
@@ -709,8 +698,7 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
     up to 104 registers and was slower on every shape (benchmarks/results-h100-matvec24-ahead.txt)."""
     if tile == 32:
         blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
-        x_ahead = 2 if blocks == 1 and batch <= MMA_TOKENS else 0
-        return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2, x_ahead)
+        return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2)
     if batch > 1:
         pairs, warps = 4, 8
     else:
@@ -851,7 +839,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
         EVEN=(cols // tile_columns(dense)) % walked == 0, BT=-(-batch // MMA_TOKENS) if dense else min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=int(config.ahead), X_AHEAD=config.x_ahead, num_warps=config.warps,
+        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, num_warps=config.warps,
         launch_pdl=pdl,
     )
     return y
