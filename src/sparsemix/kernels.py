@@ -401,6 +401,7 @@ def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr
 # after the loop; grouped layers scale each weight in fp16 (HMUL2), as ``dequantise`` rounds it.
 
 MMA_TOKENS = 8  # tokens per mma (its n)
+SPARSE_RUN = 8  # 2:4: 32-column tiles (one mma.sp each) per run, the columns a lane takes per step
 
 
 @triton.jit
@@ -430,6 +431,55 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _mma_sp(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e, SELECTOR: tl.constexpr, USE_ASM: tl.constexpr):
+    """D = A B + C per warp, mma.sp.sync m16n8k32 (A 2:4 sparse): a0..a3 a lane's fp16 pairs of A's kept
+    values (rows p, p + 8 of k group q, then of k group 4 + q: the lower kept column's value in the low
+    half), b0..b3 its pairs of B (k 2q + 8i.., column p), c0..c3 as for ``_mma``, e the metadata: in lanes
+    q = 2 SELECTOR (k groups 0-3) and 2 SELECTOR + 1 (groups 4-7) the kept columns of row p (bits 0-15)
+    and row p + 8 (bits 16-31), 4 bits per group: lower | upper << 2. (H100: benchmarks/results-h100-matvec27-sparse.txt.)"""
+    if USE_ASM:
+        if SELECTOR == 0:
+            return tl.inline_asm_elementwise(
+                "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                "{$8, $9, $10, $11}, {$12, $13, $14, $15}, $16, 0x0;", "=f,=f,=f,=f,r,r,r,r,r,r,r,r,f,f,f,f,r",
+                [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                "{$8, $9, $10, $11}, {$12, $13, $14, $15}, $16, 0x1;", "=f,=f,=f,=f,r,r,r,r,r,r,r,r,f,f,f,f,r",
+                [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:  # the interpreter: A made whole from its kept values and metadata, as [warp, row, k group, column]
+        n: tl.constexpr = a0.shape[0] // 32
+        q = tl.arange(0, 4)[None, None, :]
+        e = e.to(tl.uint32, bitcast=True).reshape(n, 8, 4)
+        low = tl.sum(tl.where(q == 2 * SELECTOR, e, 0), axis=2)[:, :, None]  # [warp, p, 1]: groups 0-3
+        high = tl.sum(tl.where(q == 2 * SELECTOR + 1, e, 0), axis=2)[:, :, None]  # groups 4-7
+        j = tl.arange(0, 8)[None, None, :]
+        column = tl.arange(0, 4)[None, None, None, :]
+        d = ()
+        for half in tl.static_range(2):  # rows p, p + 8
+            first_a, second_a = _halves((a0 if half == 0 else a1).reshape(n, 8, 4))
+            first_b, second_b = _halves((a2 if half == 0 else a3).reshape(n, 8, 4))
+            first = tl.permute(tl.join(first_a, first_b), (0, 1, 3, 2)).reshape(n, 8, 8)  # [warp, p, group j]
+            second = tl.permute(tl.join(second_a, second_b), (0, 1, 3, 2)).reshape(n, 8, 8)
+            nibble = ((tl.where(j < 4, low, high) >> (4 * (j % 4) + 16 * half)) & 15)[:, :, :, None]
+            whole = (tl.where(column == (nibble & 3), first[:, :, :, None], 0.0)
+                     + tl.where(column == (nibble >> 2), second[:, :, :, None], 0.0))  # [warp, p, j, column]
+            whole = whole.reshape(n, 8, 4, 4, 2)  # k = 8i + 2q + h as [i, q, h]
+            lo_k, hi_k = tl.split(whole)  # h = 0, 1: [warp, p, i, q]
+            i = tl.arange(0, 4)[None, None, :, None]
+            total = tl.zeros([n, 8, 8], dtype=tl.float32)
+            for step in tl.static_range(4):
+                b_lo, b_hi = _halves((b0 if step == 0 else b1 if step == 1 else b2 if step == 2 else b3).reshape(n, 8, 4))
+                a_lo = tl.sum(tl.where(i == step, lo_k, 0.0), axis=2)  # [warp, p, q]
+                a_hi = tl.sum(tl.where(i == step, hi_k, 0.0), axis=2)
+                total += tl.sum(a_lo[:, :, None, :] * b_lo[:, None, :, :] + a_hi[:, :, None, :] * b_hi[:, None, :, :], axis=3)
+            d = d + tl.split(total.reshape(n, 8, 4, 2))  # columns 2q and 2q + 1 at lane (p, q)
+        return (c0 + d[0].reshape(n * 32), c1 + d[1].reshape(n * 32), c2 + d[2].reshape(n * 32),
+                c3 + d[3].reshape(n * 32))
+
+
+@triton.jit
 def _less(v, zz, USE_ASM: tl.constexpr):
     """v - zz for fp16 pairs in int32 (exact on codes and zero points)."""
     if USE_ASM:
@@ -451,7 +501,7 @@ _LOAD4_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0
 @triton.jit
 def _words(ptr, offset, ok, COUNT: tl.constexpr, VECTOR: tl.constexpr, ZERO: tl.constexpr, PURE: tl.constexpr,
            USE_ASM: tl.constexpr):
-    """COUNT int32 words from word ``offset`` on (a multiple of VECTOR, 2 or 4), by loads of VECTOR words;
+    """COUNT int32 words from word ``offset`` on (a multiple of VECTOR: 1, 2 or 4), by loads of VECTOR words;
     where not ``ok`` nothing is read and the words are zeros if ZERO, else undefined (no instructions to
     zero them). PURE False keeps the loads after a PDL wait."""
     out = ()
@@ -462,6 +512,8 @@ def _words(ptr, offset, ok, COUNT: tl.constexpr, VECTOR: tl.constexpr, ZERO: tl.
                 out = out + tl.inline_asm_elementwise(_LOAD4_ZEROS if ZERO else _LOAD4, "=r,=r,=r,=r,l,r",
                                                       [address, ok.to(tl.int32)], dtype=(tl.int32,) * 4,
                                                       is_pure=PURE, pack=1)
+            elif VECTOR == 1:
+                out = out + (tl.load(ptr + offset + i, mask=ok, other=0),)
             else:
                 out = out + tl.inline_asm_elementwise(_LOAD2_ZEROS if ZERO else _LOAD2, "=r,=r,l,r",
                                                       [address, ok.to(tl.int32)], dtype=(tl.int32,) * 2,
@@ -473,24 +525,29 @@ def _words(ptr, offset, ok, COUNT: tl.constexpr, VECTOR: tl.constexpr, ZERO: tl.
 
 
 @triton.jit
-def _mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, inside, tile, P, GROUP_SIZE, GROUPS,
-              W: tl.constexpr, GROUPED: tl.constexpr, USE_ASM: tl.constexpr):
-    """What a lane reads of tile ``tile`` (of its run of 4 tiles ``run``) besides x: (grids (zz, s) of
-    rows top and top + 8 when GROUPED, else (); the W code words of row top; those of row top + 8)."""
+def _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, meta_run, inside, tile, n_tiles, P,
+              GROUP_SIZE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    """What a lane reads of its ``run`` of 128 columns besides x, nothing where not ``inside``: (dense and
+    GROUPED: grids (zz, s) of rows top and top + 8 for tile ``tile``, zeros past ``n_tiles``, else (); the
+    lane's code words, 2W (dense: W of row top, then W of row top + 8) or W (2:4); 2:4: its 2 metadata
+    words (run ``meta_run`` of the whole layer), else ())."""
     grid = ()
-    if GROUPED:  # group size a multiple of the tile: one group per tile
+    if GROUPED and not SPARSE:  # group size a multiple of the tile: one group per tile
         g = (tile * 32) // GROUP_SIZE
-        grid = (tl.load(zz_ptr + g * P + top, mask=inside, other=0), tl.load(scale_ptr + g * P + top, mask=inside, other=0),
-                tl.load(zz_ptr + g * P + top + 8, mask=inside, other=0),
-                tl.load(scale_ptr + g * P + top + 8, mask=inside, other=0))
+        real = inside & (tile < n_tiles)
+        grid = (tl.load(zz_ptr + g * P + top, mask=real, other=0), tl.load(scale_ptr + g * P + top, mask=real, other=0),
+                tl.load(zz_ptr + g * P + top + 8, mask=real, other=0),
+                tl.load(scale_ptr + g * P + top + 8, mask=real, other=0))
+    LANE_WORDS: tl.constexpr = W * RUN // 4 if SPARSE else 2 * W  # dense: RUN = 4
     # codes decode to finite fp16 whatever their bits, so skipped words need no zeros (x is 0 there); fp16 rows do
-    words = _words(codes_ptr, word_base + (run * 32 + lane) * (2 * W), inside, 2 * W, 4 if W % 2 == 0 else 2, W == 16,
-                   True, USE_ASM)
-    upper, lower = (), ()
-    for h in tl.static_range(W):
-        upper = upper + (words[h].to(tl.uint32, bitcast=True),)
-        lower = lower + (words[W + h].to(tl.uint32, bitcast=True),)
-    return grid, upper, lower
+    words = _words(codes_ptr, word_base + (run * 32 + lane) * LANE_WORDS, inside, LANE_WORDS,
+                   4 if LANE_WORDS % 4 == 0 else (2 if LANE_WORDS % 2 == 0 else 1), W == 16, True, USE_ASM)
+    meta = ()
+    if SPARSE:
+        meta = _words(index_ptr, (meta_run * 32 + lane) * (RUN // 2), inside, RUN // 2, 2 if RUN == 4 else 4, False,
+                      True, USE_ASM)
+    return grid, words, meta
 
 
 @triton.jit
@@ -499,7 +556,8 @@ def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GRO
     """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED)."""
     if W == 16:
         return words[grp].to(tl.int32, bitcast=True)
-    v = _codes(words[(grp * W) // 16], words[(grp * W + W - 1) // 16], exponent, grp, W).to(tl.int32, bitcast=True)
+    v = _codes(words[(grp * W) // 16].to(tl.uint32, bitcast=True), words[(grp * W + W - 1) // 16].to(tl.uint32, bitcast=True),
+               exponent, grp, W).to(tl.int32, bitcast=True)
     if GROUPED:
         return _weights(v, zz, s, USE_ASM)
     return _less(v, zz, USE_ASM)
@@ -518,13 +576,32 @@ def _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.conste
 
 
 @triton.jit
-def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows, P, K,
-               GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
-               SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-               AHEAD: tl.constexpr):
+def _sparse_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, RUN: tl.constexpr):
+    """2:4: per block of 8 tokens, the x words of token p = lane // 4 for the 4 mma.sp of the run of 128
+    columns from tile ``tile`` (32-column tiles): words 4i + q of each tile (i < 4), zeros in tiles at or
+    past ``n_tiles`` (never when EVEN). Past the batch, the last token's."""
+    q = lane % 4
+    xs = ()
+    for nb in tl.static_range(NB):
+        token = tl.minimum(nb * 8 + lane // 4, B - 1)
+        words = ()
+        for m in tl.static_range(RUN):
+            ok = (tile + m < n_tiles) | EVEN
+            for i in tl.static_range(4):
+                words = words + (tl.load(x_ptr + token * X_STRIDE + (tile + m) * 16 + 4 * i + q, mask=ok, other=0),)
+        xs = xs + (words,)
+    return xs
+
+
+@triton.jit
+def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows,
+               P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr,
+               BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
+               USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
-    warp walking every SPLIT-th run of 4 tiles (see above); the column walks are summed at the end."""
+    warp walking every SPLIT-th run of 128 columns (see above); the column walks are summed at the end.
+    Dense: 8 mma per run (lane q: tile q); 2:4 (SPARSE): 4 mma.sp (tile m: mma m)."""
     BLOCKS: tl.constexpr = BLOCK_R // 16
     N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
     e = tl.arange(0, N)
@@ -536,8 +613,9 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_
     local = top - seg_row0
     inside = local < seg_rows  # segments are whole blocks of 16 rows
     n_tiles = K // 32
-    GROUPS = tl.cdiv(n_tiles, 4)  # runs of 4 tiles per 16 rows
+    GROUPS = tl.cdiv(n_tiles, RUN)  # runs per 16 rows
     runs_before = (local // 16) * GROUPS  # the runs of the segment's blocks above this one
+    meta_offset = (seg_row0 // 16) * GROUPS  # 2:4 metadata runs of the segments before
     if not GROUPED:  # one grid per row
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
@@ -558,42 +636,72 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_
     if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
         scales = (_halves(tl.load(scale_ptr + out, mask=mine, other=0))[0],
                   _halves(tl.load(scale_ptr + out + 8, mask=mine, other=0))[0])
-    STRIDE: tl.constexpr = 4 * SPLIT  # tiles per step of the loop
+    STRIDE: tl.constexpr = RUN * SPLIT  # tiles per step of the loop
     pending = ()  # the next AHEAD steps' weights
     for d in tl.static_range(AHEAD):
-        tile = d * STRIDE + side * 4 + quad
-        pending = pending + (_mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, runs_before + d * SPLIT + side,
-                                       inside & (tile < n_tiles), tile, P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM),)
+        tile = d * STRIDE + side * RUN + quad
+        run = runs_before + d * SPLIT + side
+        pending = pending + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, run + meta_offset,
+                                       inside & (d * STRIDE + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE, W, SPARSE,
+                                       GROUPED, RUN, USE_ASM),)
     if PDL:  # weights above, x below
         tl.extra.cuda.gdc_wait()
     for first in range(0, n_tiles, STRIDE):
-        tile = first + side * 4 + quad
-        run = runs_before + first // 4 + side
+        tile = first + side * RUN + quad  # dense: the lane's tile
+        run = runs_before + first // RUN + side
         ok = (tile < n_tiles) | EVEN
         if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
-            grid, upper, lower = pending[0]
-            later = tile + AHEAD * STRIDE
+            grid, words, meta = pending[0]
+            later = first + AHEAD * STRIDE + side * RUN
             queued = ()
             for d in tl.static_range(1, AHEAD):
                 queued = queued + (pending[d],)
-            pending = queued + (_mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run + AHEAD * SPLIT,
-                                          inside & (later < n_tiles), later, P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM),)
+            pending = queued + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run + AHEAD * SPLIT,
+                                          run + AHEAD * SPLIT + meta_offset, inside & (later < n_tiles), later + quad, n_tiles, P,
+                                          GROUP_SIZE, W, SPARSE, GROUPED, RUN, USE_ASM),)
         else:
-            grid, upper, lower = _mma_load(codes_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, inside & ok, tile,
-                                           P, GROUP_SIZE, GROUPS, W, GROUPED, USE_ASM)
-        xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
-        if GROUPED:
-            zz_top, s_top, zz_bottom, s_bottom = grid
-        for m in tl.static_range(8):
-            a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, USE_ASM)
-            a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, USE_ASM)
-            a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
-            a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
-            updated = ()
-            for nb in tl.static_range(NB):
-                c0, c1, c2, c3 = accs[nb]
-                updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
-            accs = updated
+            grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
+                                          run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE,
+                                          W, SPARSE, GROUPED, RUN, USE_ASM)
+        if SPARSE:
+            xs = _sparse_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, RUN)
+            for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
+                if GROUPED:  # group size a multiple of 64: one group per tile (a spare tile's: zeros)
+                    g = ((first + side * RUN + m) * 32) // GROUP_SIZE
+                    real = inside & (first + side * RUN + m < n_tiles)
+                    zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
+                    s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
+                    zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
+                    s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
+                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, USE_ASM)
+                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, USE_ASM)
+                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, USE_ASM)
+                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, USE_ASM)
+                updated = ()
+                for nb in tl.static_range(NB):
+                    c0, c1, c2, c3 = accs[nb]
+                    x = xs[nb]
+                    updated = updated + (_mma_sp(a0, a1, a2, a3, x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3],
+                                                 c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
+                accs = updated
+        else:
+            xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
+            if GROUPED:
+                zz_top, s_top, zz_bottom, s_bottom = grid
+            upper, lower = (), ()  # rows top, top + 8
+            for h in tl.static_range(W):
+                upper = upper + (words[h],)
+                lower = lower + (words[W + h],)
+            for m in tl.static_range(8):
+                a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, USE_ASM)
+                a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, USE_ASM)
+                a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
+                a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
+                updated = ()
+                for nb in tl.static_range(NB):
+                    c0, c1, c2, c3 = accs[nb]
+                    updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
+                accs = updated
     for half in tl.static_range(2):  # rows top, top + 8
         target = targets[half]
         for nb in tl.static_range(NB):
@@ -625,7 +733,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr, TENSOR: tl.constexpr, RUN: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
     program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch);
     DENSE layers on the tensor cores (``_mma_block``), 2:4 layers in fp16x2 (``_fixed_block``).
@@ -643,18 +751,21 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
             programs = tl.cdiv(seg_rows, BLOCK_R)
             if (pid >= first) & (pid < first + programs):
                 row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
-                if DENSE:
-                    _mma_block(x_ptr, y_ptr, codes_ptr, perm_ptr, scale_ptr, zz_ptr, row0, tl.multiple_of(word_base, 16),
-                               tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, w,
-                               GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
+                if DENSE or TENSOR:
+                    _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
+                               tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
+                               B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL,
+                               AHEAD, RUN)
                 else:
                     _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                                  tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
                                  B, X_STRIDE, Y_STRIDE, w, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
             first += programs
             seg_row0 += seg_rows
-            if DENSE:  # whole runs of 4 tiles of 32 columns
-                word_base += tl.cdiv(K // 32, 4) * 4 * w * seg_rows
+            if DENSE:  # whole runs of RUN tiles of 32 columns
+                word_base += tl.cdiv(K // 32, RUN) * RUN * w * seg_rows
+            elif TENSOR:  # whole runs of RUN tiles keeping half their columns
+                word_base += tl.cdiv(K // 32, RUN) * (RUN // 2) * w * seg_rows
             else:  # tiles of 64 columns
                 word_base += (K // 64) * w * seg_rows
 
@@ -711,7 +822,7 @@ def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> Fixed
 def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
-    return meta["config"] or fixed_config(padded_rows, cols, tile_columns(meta["dense"]), meta["sms"], batch)
+    return meta["config"] or fixed_config(padded_rows, cols, 32 if meta["tensor"] else 64, meta["sms"], batch)
 
 
 def uses_pdl(meta: dict, config: FixedConfig) -> bool:
@@ -753,7 +864,8 @@ def fixed_meta(module) -> dict | None:
     tile = tile_columns(dense)
     if cols % tile or (group_size != cols and group_size % tile):
         return None
-    if dense and device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] < 8:
+    tensor = _interpreted() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+    if dense and not tensor:
         return None
     assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
     if not set(packed.widths) <= set(WIDTHS):
@@ -782,28 +894,46 @@ def fixed_meta(module) -> dict | None:
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
     total = sum(padded)
     groups = -(-cols // group_size)
+    sparse_mma = not dense and tensor
+    runs = -(-cols // (32 * (SPARSE_RUN if sparse_mma else 4)))  # the tensor-core paths walk runs of tiles
     index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
+    if sparse_mma:  # mma.sp metadata per lane [blocks of 16 rows, runs, lane (p, q), 2] (see _mma_sp): slot s
+        # of lane (p, q) has the groups 32 run + 16 s + 4 q.. of rows p (bits 0-15) and p + 8 (bits 16-31)
+        nibbles = torch.full((total, runs * 8 * SPARSE_RUN), 4, dtype=torch.int64, device=device)  # padding: columns 0, 1
     one = torch.ones(groups, total, dtype=torch.float16, device=device)
     scale, zz = _pairs(one, one), _pairs(1024 * one, 1024 * one)  # padding rows: weights (c - 0) * 1 of codes 0
     perm = torch.full((total,), -1, dtype=torch.int32, device=device)  # padding rows: not stored
     parts, seg_row, pad_row = [], 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
-        planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
-        halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
-        codes = torch.zeros(-(-tiles // 4) * 4 if dense else tiles, width, n_pad, dtype=torch.int32, device=device)
-        codes[:tiles, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
-        if dense:  # the tensor-core path: [blocks of 16 rows, runs of 4 tiles, lane (p, q), row p or p + 8, word]
-            codes = codes.view(-1, 4, width, n_pad // 16, 2, 8).permute(3, 0, 5, 1, 4, 2)
+        if sparse_mma:  # lane (p, q), pair 4m + 2h' + h: row p + 8h, group 32 run + 8m + 4h' + q
+            kept_pairs = torch.zeros(n_pad, runs * 8 * SPARSE_RUN, 2, dtype=torch.int64, device=device)
+            kept_pairs[:n, :cols // 4] = values[seg].view(n, -1, 2)
+            planes = kept_pairs.view(n_pad // 16, 2, 8, runs, SPARSE_RUN, 2, 4, 2).permute(7, 0, 3, 2, 6, 4, 5, 1).flatten()
+            halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, -1, width)
+            codes = _pairs(halves[0], halves[1])
+            nibbles[real, :cols // 4] = lower[seg] | (upper[seg] << 2)
+        else:
+            planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
+            halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
+            codes = torch.zeros(-(-tiles // 4) * 4 if dense else tiles, width, n_pad, dtype=torch.int32, device=device)
+            codes[:tiles, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
+            if dense:  # the tensor-core path: [blocks of 16 rows, runs of 4 tiles, lane (p, q), row p or p + 8, word]
+                codes = codes.view(-1, 4, width, n_pad // 16, 2, 8).permute(3, 0, 5, 1, 4, 2)
+            elif not dense:
+                index_words[:, real] = signed32(index[seg].flatten(1)).T
         parts.append(codes.flatten())
-        if not dense:
-            index_words[:, real] = signed32(index[seg].flatten(1)).T
         perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
             grid_scale, grid_zz = packed.tensors["scale"][seg].T, 1024 + packed.tensors["zero"][seg].T
             scale[:, real], zz[:, real] = _pairs(grid_scale, grid_scale), _pairs(grid_zz, grid_zz)
         seg_row += n
         pad_row += n_pad
+    if sparse_mma:  # [block, h, p, run, s, q, j] nibbles -> one word per (block, run, p, q, s)
+        shifts = (16 * torch.arange(2, device=device).view(1, 2, 1, 1, 1, 1, 1)
+                  + 4 * torch.arange(4, device=device).view(1, 1, 1, 1, 1, 1, 4))
+        words = (nibbles.view(total // 16, 2, 8, runs, SPARSE_RUN // 2, 4, 4) << shifts).sum((1, 6))  # [block, p, run, s, q]
+        index_words = signed32(words.permute(0, 2, 1, 4, 3).flatten())
     codes = torch.cat(parts)
     assert codes.numel() < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
     segment_rows = dict(zip(packed.widths, padded))
@@ -811,7 +941,7 @@ def fixed_meta(module) -> dict | None:
     pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
     return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
-            "present": sum(1 << w for w in packed.widths), "dense": dense,
+            "present": sum(1 << w for w in packed.widths), "dense": dense, "tensor": dense or sparse_mma,
             "sms": sms, "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
@@ -821,25 +951,26 @@ TOKENS_PER_PASS = 4  # 2:4: tokens sharing each decoded weight; more would spill
 
 def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
     """x [batch, cols] fp16 -> x W^T [batch, rows] fp16 through the fixed-position kernel: one launch,
-    the weights read once per MMA_TOKENS (dense) or TOKENS_PER_PASS (2:4) tokens."""
+    the weights read once per MMA_TOKENS (tensor cores) or TOKENS_PER_PASS (fp16x2 2:4) tokens."""
     batch = x.shape[0]
-    dense = meta["dense"]
+    dense, tensor = meta["dense"], meta["tensor"]
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
     config = launch_config(meta, cols, batch)
-    if dense:
-        assert config.warps * PAD_ROWS == config.rows * config.split, f"dense: warps = split * rows / 16, got {config}"
+    if tensor:
+        assert config.warps * PAD_ROWS == config.rows * config.split, f"tensor cores: warps = split * rows / 16, got {config}"
         if x.data_ptr() % 16:  # 16-byte loads of x
             x = x.clone()
-    words = x.view(torch.int32 if dense else torch.int64)
+    words = x.view(torch.int32 if tensor else torch.int64)
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
-    walked = config.split * (4 if dense else 1)  # tiles per step of the loop
+    run = 4 if dense else SPARSE_RUN  # tiles per run (tensor cores)
+    even = (cols // 32) % (run * config.split) == 0 if tensor else (cols // 64) % config.split == 0  # no spare tiles
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
-        EVEN=(cols // tile_columns(dense)) % walked == 0, BT=-(-batch // MMA_TOKENS) if dense else min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, num_warps=config.warps,
+        EVEN=even, BT=-(-batch // MMA_TOKENS) if tensor else min(batch, TOKENS_PER_PASS),
+        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, TENSOR=tensor, RUN=run, num_warps=config.warps,
         launch_pdl=pdl,
     )
     return y
