@@ -46,27 +46,23 @@ def _loop(ins: list[tuple[int, str]]) -> int:
     return sum(start <= a <= end for a, _ in ins)
 
 
-def fixed_instructions(width: int, dense: bool, tokens: int = 1, cols: int = 4096) -> dict:
-    """The fixed-position kernel's tile loop (dense: tensor cores, or 2:4) at the shape ``fixed_config``
-    picks for 4096 rows, ``cols`` columns and ``tokens`` tokens; per weight = per column position (kept
-    or pruned)."""
-    tile = kernels.tile_columns(dense)
-    config = kernels.fixed_config(4096, cols, tile, sms=132, batch=tokens)  # an H100's choice for 4096 rows
-    block_r, split = config.rows, config.split
+def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
+    """The fixed-position kernel's loop (tensor cores; dense or 2:4) at the shape ``fixed_config`` picks
+    for 4096 rows and ``tokens`` tokens; per weight = per column position (kept or pruned)."""
+    config = kernels.fixed_config(4096, dense, sms=132, batch=tokens)  # an H100's choice for 4096 rows
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
-    types = ["*i32" if dense else "*i64", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
+    types = ["*i32", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
-    passes = -(-tokens // kernels.MMA_TOKENS) if dense else tokens  # token blocks per mma (dense), tokens per pass (2:4)
-    const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=block_r, SPLIT=split, EVEN=True,
-                 BT=passes, USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead,
+    run = 4 if dense else kernels.SPARSE_RUN
+    const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
+                 NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
-    # (row, tile) pairs a thread decodes per step: dense, rows p and p + 8 of its tile; 2:4, its share of the block
-    pairs = 2 if dense else block_r * split / (32 * config.warps)
+    positions = 64 if dense else 16 * run  # a lane's share of a step: 8 mma of 16 x 16, or RUN mma.sp of 16 x 32
     return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,
-            "per_weight": round(body / (tile * pairs), 1)}
+            "per_weight": round(body / positions, 1)}
 
 
 def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:

@@ -28,12 +28,12 @@ def _cold_times(record: dict) -> tuple[float | None, float]:
 
 def _policy_times(record: dict) -> tuple[bool, float, float]:
     """(PDL used, cold µs, alone µs) under fixed_config's launch policy: serial where it turns PDL off."""
-    from sparsemix.kernels import PAD_ROWS, fixed_config, tile_columns
+    from sparsemix.kernels import PAD_ROWS, fixed_config
 
     if not record.get("pdl"):
         return False, record["cold_kernel_us"], record["kernel_us"]
     rows, cols = record["shape"]  # records before the policy timed PDL everywhere: re-derive it (H100: 132 SMs)
-    config = fixed_config(-(-rows // PAD_ROWS) * PAD_ROWS, cols, tile_columns(record["sparsity"] != "2:4"), 132, record["batch"])
+    config = fixed_config(-(-rows // PAD_ROWS) * PAD_ROWS, record["sparsity"] != "2:4", 132, record["batch"])
     if config.pdl:
         return True, record["cold_kernel_us"], record["kernel_us"]
     return False, record["cold_serial_kernel_us"], record["serial_kernel_us"]

@@ -159,7 +159,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     del dense
     copies = _copies(module, -(-4 * L2_BYTES // read))
     cold_kernel_us = _cold_us(lambda m: packed_matmul(x, m), copies)
-    pdl = bool(module.fixed_meta) and uses_pdl(module.fixed_meta, launch_config(module.fixed_meta, cols, batch))
+    pdl = bool(module.fixed_meta) and uses_pdl(module.fixed_meta, launch_config(module.fixed_meta, batch))
     serial = {}
     if pdl:  # the same calls launched one after the other, for comparison
         for m in (module, *copies):
@@ -187,7 +187,7 @@ def _config(module, batch: int) -> str:
 
     if not module.fixed_meta:
         return "general"
-    config = launch_config(module.fixed_meta, module.header["cols"], batch)
+    config = launch_config(module.fixed_meta, batch)
     return f"{config.rows}x{config.split}x{config.warps}"
 
 

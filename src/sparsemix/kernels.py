@@ -169,30 +169,34 @@ def _packed_matmul_kernel(
                        GROUP_TILE, CHUNK, EVEN_K, BLOCK_R, BLOCK_B, USE_DOT, USE_ASM)
 
 
-# --- the fixed-position kernel: 2:4, dense and unstructured layers, one launch per batch ---------------
+# --- the fixed-position kernel: 2:4, dense and unstructured layers on the tensor cores, one launch ---
 # When every 4 consecutive columns keep exactly 2 weights (SparseGPT's 2:4 pruning) a row's k-th code
 # belongs to column group k // 2; without a mask, to column k. Unstructured masks are made dense at
 # load (a pruned weight coded at its row's zero point, which dequantises to exactly 0). Code positions
-# are then fixed and the kernel needs no ranks. A group is 2 consecutive columns (dense) or 4 columns
-# keeping 2 (2:4); a tile is 16 groups. Dense layers are multiplied on the tensor cores (see "the
-# tensor-core path" below). 2:4 layers run fp16x2 arithmetic on CUDA cores, about 11 SASS instructions
-# per group (``benchmarks/kernel_sass.py``; the general kernel above takes about 22 per column):
+# are then fixed and the kernel needs no ranks. ``fixed_meta`` rearranges the codes so that each lane
+# of a warp finds its part of the A operands of its mma instructions in consecutive words:
 #
-# * a group's two codes sit at the same bits of the two halves of one 32-bit word (a tile's first
-#   codes in the low halves, second codes in the high halves), so one shift and one LOP3 give both as
-#   fp16 1024 + code (the exponent trick), and HSUB2/HMUL2 give the fp16 weights exactly as
-#   ``dequantise`` rounds them;
-# * a group's two kept columns (2 bits each) become a PRMT byte selector by one IMAD, and one PRMT
-#   picks their two x values out of the group's 4;
-# * HFMA2 accumulates 4 groups in fp16 pairs, then they are added into an fp32 accumulator (products
-#   and 8-product partial sums are rounded to fp16, as in fp16x2 GEMV kernels such as ExLlama's; the
-#   benchmark reports the error against dequantise-then-matmul).
-#
-# Element (k, r) of a 2:4 program's [SPLIT, BLOCK_R] block walks tiles k, k + SPLIT, ... of row r;
-# rows are padded to runs of 16 so a thread loads its 2 or 4 rows (``fixed_config``) with one vector
-# load and shares its x loads between them; the program sums its rows over the tiles itself: no
-# atomics. Each decoded weight serves up to TOKENS_PER_PASS tokens; larger batches make more passes in
-# the same launch.
+# * codes come in pairs, two codes at the same bits of the two halves of a 32-bit word, so one shift
+#   and one LOP3 give both as fp16 1024 + code (the exponent trick) and one HSUB2 gives code - zero,
+#   exact in fp16: an fp16 pair, one register of an A fragment. Dense: a pair is 2 consecutive columns
+#   of a row; 2:4: the 2 kept columns of a group of 4.
+# * dense, mma.sync m16n8k16: a warp takes 16 rows and a run of 4 tiles of 32 columns per step. Lane
+#   (p, q) (p = lane // 4, q = lane % 4) decodes tile q of rows p and p + 8 into the A fragments of 8
+#   mmas (mma m: the tile's columns 4m.. at k positions 2q, 2q + 1, 8 + 2q, 9 + 2q) and loads x of token
+#   p at the same columns (16 words, 4 vector loads) as its B fragments: each mma's k runs over 4 tiles'
+#   columns, in an order A and B agree on.
+# * 2:4, mma.sp.sync m16n8k32 (the sparse tensor cores take the kept values and their 2-bit column
+#   indices): a step is a run of SPARSE_RUN tiles, one mma.sp each. Lane (p, q) decodes the pairs of
+#   groups q and 4 + q of each tile for rows p and p + 8 and loads words 4i + q (i < 4) of the tile's x.
+#   The metadata (kept columns) of rows p and p + 8 comes from 2 lanes per quad, alternating between
+#   mmas (sparsity selector 0 and 1), so each lane loads SPARSE_RUN / 2 metadata words per step.
+# * one mma serves 8 tokens (B's columns): batches up to 8 decode each weight once. Products of
+#   (code - zero) and x are exact in fp32 and summed in fp32, so layers with one grid per row apply the
+#   scale once per row after the loop; grouped layers scale each weight in fp16 (HMUL2), as
+#   ``dequantise`` rounds it.
+# * a program's warps take BLOCK_R // 16 blocks of 16 rows side by side with SPLIT along the columns,
+#   and sum their column walks at the end (no atomics, y written in x's dtype); each step first loads
+#   the weights of the step AHEAD on.
 
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
@@ -230,48 +234,6 @@ def _weights(v, zz, s, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _dot(index, xa, xb, w, part, UPPER: tl.constexpr, USE_ASM: tl.constexpr):
-    """part + w * x for one 2:4 group and one token, fp16 pairs in int32 (``w`` the group's 2 weights):
-    the group is 4 columns, ``xa``, ``xb`` their x, and ``index`` has the lower and upper kept column (2 bits each) in bytes 0 and 1 (bytes 2 and
-    3 when UPPER); the PRMT selector byte of column c is 0x10 + 0x22 c: the two bytes of x value c."""
-    if USE_ASM:
-        if UPPER:
-            code: tl.constexpr = ("{ .reg .b32 sel, xs; mad.hi.u32 sel, $1, 2228224, 4112; prmt.b32 xs, $2, $3, sel; "
-                                  "fma.rn.f16x2 $0, $4, xs, $5; }")
-        else:
-            code: tl.constexpr = ("{ .reg .b32 sel, xs; mad.lo.u32 sel, $1, 34, 4112; prmt.b32 xs, $2, $3, sel; "
-                                  "fma.rn.f16x2 $0, $4, xs, $5; }")
-        return tl.inline_asm_elementwise(code, "=r,r,r,r,r,r", [index, xa, xb, w, part], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    else:  # the same arithmetic for Triton's CPU interpreter
-        index = index.to(tl.uint32, bitcast=True)
-        if UPPER:
-            index = index >> 16
-        sel = index * 34 + 4112
-        words = tl.zeros_like(sel)
-        for i in tl.static_range(4):  # prmt: byte i of the result is byte (nibble i of sel) of (xb:xa)
-            n = (sel >> (4 * i)) & 7
-            source = tl.where(n < 4, xa, xb).to(tl.uint32, bitcast=True)
-            words |= ((source >> ((n & 3) * 8)) & 0xFF) << (8 * i)
-        x_lo, x_hi = _halves(words)
-        w_lo, w_hi = _halves(w)
-        p_lo, p_hi = _halves(part)
-        return _pair(w_lo * x_lo + p_lo, w_hi * x_hi + p_hi)
-
-
-@triton.jit
-def _flush(acc, part, USE_ASM: tl.constexpr):
-    """acc (fp32) + both halves of the fp16 pair ``part``."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $2; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
-            "add.f32 a, a, b; add.f32 $0, $1, a; }", "=f,f,r", [acc, part], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        lo, hi = _halves(part)
-        return acc + (lo + hi)
-
-
-@triton.jit
 def _codes(prev, cur, exponent, g: tl.constexpr, W: tl.constexpr):
     """Group g's two codes (W < 16) as fp16 pair 1024 + code, from the words holding the start
     (``prev``) and the end (``cur``) of its W bits (the same word unless the codes straddle two);
@@ -285,120 +247,6 @@ def _codes(prev, cur, exponent, g: tl.constexpr, W: tl.constexpr):
         v = ((prev >> shift) & (low * 0x10001)) | ((cur << (16 - shift)) & ((((1 << W) - 1) ^ low) * 0x10001))
     return v | exponent
 
-
-@triton.jit
-def _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local, inside, t, P, GROUP_SIZE,
-               W: tl.constexpr, GROUPED: tl.constexpr):
-    """What 2:4 tiles ``t`` [SPLIT, 1] of rows ``rows`` [1, BLOCK_R] read besides x: (grid (zz, s) when
-    GROUPED, else (); the index words (m0, m1); the tile's W code words). Masked-off elements
-    (``inside`` false) read zeros and no memory."""
-    grid = ()
-    if GROUPED:  # group size a multiple of the tile: one group per tile
-        g = (t * 64) // GROUP_SIZE
-        grid = (tl.load(zz_ptr + g * P + rows, mask=inside, other=0), tl.load(scale_ptr + g * P + rows, mask=inside, other=0))
-    index = (tl.load(index_ptr + (2 * t) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True),
-             tl.load(index_ptr + (2 * t + 1) * P + rows, mask=inside, other=0).to(tl.uint32, bitcast=True))
-    words = codes_ptr + word_base + t * W * seg_rows + local
-    tile_words = ()  # each code word loaded once
-    for h in tl.static_range(W):
-        tile_words = tile_words + (tl.load(words + h * seg_rows, mask=inside, other=0).to(tl.uint32, bitcast=True),)
-    return grid, index, tile_words
-
-
-@triton.jit
-def _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
-                 row0, word_base, seg_row0, seg_rows, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
-                 W: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
-                 SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                 PDL: tl.constexpr, AHEAD: tl.constexpr):
-    """2:4 padded rows row0.. (all of width W) times all columns, for B tokens, into y[token, perm[row]]
-    (padding rows have perm -1: not stored); BT tokens per pass over the weights (each weight decoded
-    once per pass). AHEAD: each step of the tile loop loads the next step's weights (its next SPLIT
-    tiles) before decoding its own, so their latency hides behind the arithmetic (more registers).
-    PDL: the first weights are loaded before waiting for the previous kernel (which may write x), so
-    they stream in while it finishes."""
-    QUANT: tl.constexpr = W < 16
-    out = row0 + tl.arange(0, BLOCK_R)
-    ours = out - seg_row0 < seg_rows  # a segment's last block may reach past it: whole padded runs masked
-    target = tl.load(perm_ptr + out, mask=ours, other=-1)  # loaded first: its latency hides behind the loop
-    rows = out[None, :]
-    local = rows - seg_row0
-    inside = ours[None, :]
-    split = tl.arange(0, SPLIT)[:, None]
-    n_tiles = K // 64
-    if not GROUPED:  # one grid per row
-        zz = tl.load(zz_ptr + rows, mask=inside, other=0)
-        s = tl.load(scale_ptr + rows, mask=inside, other=0)
-    for b0 in range(0, B, BT):
-        accs = ()  # fp32 sums, one per token of the pass
-        for j in tl.static_range(BT):
-            accs = accs + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.float32),)
-        if AHEAD:  # a spare tile of a ragged last step (t >= n_tiles) loads nothing and reads x as 0
-            following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
-                                   inside & (split < n_tiles), split, P, GROUP_SIZE, W, GROUPED)
-            if PDL:  # weights above, x below
-                tl.extra.cuda.gdc_wait()
-        for i in range(0, n_tiles, SPLIT):
-            t = i + split
-            x_ok = (t < n_tiles) | EVEN
-            if AHEAD:
-                grid, index, tile_words = following
-                following = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows, rows, local,
-                                       inside & (t + SPLIT < n_tiles), t + SPLIT, P, GROUP_SIZE, W, GROUPED)
-            else:
-                if not EVEN:  # a spare tile repeats tile 0 with x read as 0
-                    t = tl.where(x_ok, t, 0)
-                grid, index, tile_words = _tile_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, seg_rows,
-                                                     rows, local, inside, t, P, GROUP_SIZE, W, GROUPED)
-                if PDL:  # weights above, x below; waits after the first step's are no-ops
-                    tl.extra.cuda.gdc_wait()
-            if GROUPED:
-                zz, s = grid
-            # 0x64006400 taken from 1024 + zero (< 2048) in a register: as an immediate the compiler
-            # re-materialises it in the loop (benchmarks/kernel_sass.py: 380 -> 352 instructions, 4 bits)
-            exponent = zz & -67044352  # 0xFC00FC00
-            for grp in tl.static_range(16):
-                if grp % 4 == 0:  # fp16 pair sums of 4 groups (8 products), one per token
-                    parts = ()
-                    for j in tl.static_range(BT):
-                        parts = parts + (tl.zeros([SPLIT, BLOCK_R], dtype=tl.int32),)
-                if grp < 8:
-                    selector = (index[0] >> (2 * (grp % 4))) & 0x03030303
-                else:
-                    selector = (index[1] >> (2 * (grp % 4))) & 0x03030303
-                if QUANT:
-                    w = _weights(_codes(tile_words[(grp * W) // 16], tile_words[(grp * W + W - 1) // 16], exponent, grp, W),
-                                 zz, s, USE_ASM)
-                else:
-                    w = tile_words[grp]
-                updated = ()
-                for j in tl.static_range(BT):
-                    # x of this group and token: 4 fp16 in an int64
-                    token_ok = x_ok & (split * 0 + b0 + j < B)
-                    xg = tl.load(x_ptr + (b0 + j) * X_STRIDE + t * 16 + grp, mask=token_ok, other=0)
-                    updated = updated + (_dot(selector, xg.to(tl.int32), (xg >> 32).to(tl.int32), w, parts[j],
-                                              (grp % 8) >= 4, USE_ASM),)
-                parts = updated
-                if grp % 4 == 3:  # the 4 groups' fp16 pair sums into fp32
-                    flushed = ()
-                    for j in tl.static_range(BT):
-                        flushed = flushed + (_flush(accs[j], parts[j], USE_ASM),)
-                    accs = flushed
-        for j in tl.static_range(BT):
-            y = tl.sum(accs[j], axis=0)
-            token_ok = (target >= 0) & (out * 0 + b0 + j < B)
-            tl.store(y_ptr + (b0 + j) * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=token_ok)
-
-
-# --- the tensor-core path: dense and unstructured layers ------------------------------------------------
-# The dense arrangement above, multiplied by mma.sync m16n8k16 (fp16 in, fp32 accumulate). A warp takes
-# 16 rows and 4 tiles side by side per step. Lane l (row pair p = l // 4, quad q = l % 4) decodes the
-# 16 groups of tile q in rows p and p + 8 into the A fragments of 8 mmas (mma m: groups 2m and 2m + 1
-# at k positions 2q, 2q + 1 and 8 + 2q, 8 + 2q + 1) and loads, as the B fragment, x of token p at the
-# same columns: each mma's 16 k positions run over 4 tiles' columns, in an order A and B agree on.
-# One mma serves 8 tokens, so batches up to 8 decode each weight once. (code - zero) is exact in fp16
-# and its product with x exact in fp32, so layers with one grid per row apply the scale once per row
-# after the loop; grouped layers scale each weight in fp16 (HMUL2), as ``dequantise`` rounds it.
 
 MMA_TOKENS = 8  # tokens per mma (its n)
 SPARSE_RUN = 8  # 2:4: 32-column tiles (one mma.sp each) per run, the columns a lane takes per step
@@ -732,11 +580,9 @@ def _segment_rows(W: tl.constexpr, ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_
 def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr,
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
-                  SPLIT: tl.constexpr, EVEN: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr, TENSOR: tl.constexpr, RUN: tl.constexpr):
-    """One program: BLOCK_R padded rows of one width over all columns and all B tokens, summed in the
-    program (no atomics, no zeroed output, y written in x's dtype: the whole product is one launch);
-    DENSE layers on the tensor cores (``_mma_block``), 2:4 layers in fp16x2 (``_fixed_block``).
+                  SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
+                  PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr):
+    """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
@@ -751,37 +597,23 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
             programs = tl.cdiv(seg_rows, BLOCK_R)
             if (pid >= first) & (pid < first + programs):
                 row0 = tl.multiple_of(seg_row0 + (pid - first) * BLOCK_R, 16)  # PAD_ROWS
-                if DENSE or TENSOR:
-                    _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
-                               tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
-                               B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL,
-                               AHEAD, RUN)
-                else:
-                    _fixed_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
-                                 tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
-                                 B, X_STRIDE, Y_STRIDE, w, GROUPED, BLOCK_R, SPLIT, EVEN, BT, USE_ASM, PDL, AHEAD)
+                _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
+                           tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
+                           B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, NB, USE_ASM, PDL,
+                           AHEAD, RUN)
             first += programs
             seg_row0 += seg_rows
-            if DENSE:  # whole runs of RUN tiles of 32 columns
-                word_base += tl.cdiv(K // 32, RUN) * RUN * w * seg_rows
-            elif TENSOR:  # whole runs of RUN tiles keeping half their columns
-                word_base += tl.cdiv(K // 32, RUN) * (RUN // 2) * w * seg_rows
-            else:  # tiles of 64 columns
-                word_base += (K // 64) * w * seg_rows
-
-
-def tile_columns(dense: bool) -> int:
-    """Columns per tile of the fixed-position arrangement: 16 groups of 2 (dense) or 4 (2:4) columns."""
-    return 32 if dense else 64
+            # whole runs of RUN tiles of 32 columns; 2:4 keeps half of them
+            word_base += tl.cdiv(K // 32, RUN) * (RUN if DENSE else RUN // 2) * w * seg_rows
 
 
 @dataclass(frozen=True)
 class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
-    ``split`` column walks side by side (a power of 2; 2:4: tiles of each row, dense: warps per 16 rows,
-    so ``warps`` = split * rows / 16), ``warps`` per program, whether to launch it with programmatic
-    dependent launch where the GPU has it (Hopper on), how many steps of the loop ahead the weights are
-    loaded (``ahead``; 2:4: 0 or 1; more registers)."""
+    ``split`` warps side by side along the columns per 16 rows (so ``warps`` = split * rows / 16),
+    ``warps`` per program, whether to launch it with programmatic dependent launch where the GPU has it
+    (Hopper on), and how many steps of the loop ahead the weights are loaded (``ahead``; each step
+    ahead holds a run's code words in registers)."""
     rows: int
     split: int
     warps: int
@@ -790,39 +622,24 @@ class FixedConfig:
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
-def fixed_config(rows: int, cols: int, tile: int, sms: int, batch: int) -> FixedConfig:
-    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows and ``cols`` columns in
-    tiles of ``tile`` columns (32: dense, 64: 2:4), on a GPU of ``sms`` multiprocessors.
-
-    Dense (tensor cores): 8 warps, weights loaded 2 steps ahead; one block of 16 rows per program while
-    they number at most 2 per multiprocessor, else 2 blocks (4 warps each along the columns), so that
-    all programs run in one wave (about 70-80 registers a thread, 3 programs per multiprocessor). From
-    A/B sweeps on an H100 at 4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt):
-    fastest or within 3% on each shape; loading further ahead, loading x ahead, more warps per block or
-    capping registers was slower.
-
-    2:4 (fp16x2): batch 1 reads its weights from DRAM at best with 2 (row, tile) pairs per thread and
-    16 warps while 16-row programs number at most 2 per multiprocessor, else 8 warps with half the
-    tiles side by side; larger batches do more arithmetic per weight: 4 pairs per thread, 4 rows sharing
-    each x load, 8 warps (benchmarks/results-h100-matvec17-*.jsonl). Programmatic dependent launch at
-    batch 1 only (6-22% faster; 10-23% slower at batches 4 and 16; matvec2[023]). Loading ahead takes
-    up to 104 registers and was slower on every shape (benchmarks/results-h100-matvec24-ahead.txt)."""
-    if tile == 32:
-        blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
-        return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2)
-    if batch > 1:
-        pairs, warps = 4, 8
-    else:
-        pairs, warps = 2, (16 if -(-rows // PAD_ROWS) <= 2 * sms else 8)
-    elements = pairs * 32 * warps
-    split = min(triton.next_power_of_2(cols // tile), elements // PAD_ROWS)
-    return FixedConfig(max(elements // split, PAD_ROWS), split, warps, batch == 1)
+def fixed_config(rows: int, dense: bool, sms: int, batch: int) -> FixedConfig:
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows, dense or 2:4, on a GPU of
+    ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per
+    multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
+    wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
+    about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
+    4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
+    fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading further ahead,
+    loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change the
+    shape: one mma serves 8 tokens."""
+    blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
+    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1)
 
 
-def launch_config(meta: dict, cols: int, batch: int) -> FixedConfig:
+def launch_config(meta: dict, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
-    return meta["config"] or fixed_config(padded_rows, cols, 32 if meta["tensor"] else 64, meta["sms"], batch)
+    return meta["config"] or fixed_config(padded_rows, meta["dense"], meta["sms"], batch)
 
 
 def uses_pdl(meta: dict, config: FixedConfig) -> bool:
@@ -837,39 +654,35 @@ def _pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 
 def fixed_meta(module) -> dict | None:
-    """The fixed-position kernel's arrangement of a PackedLinear: 2:4 layers as 2:4 (groups of 4
-    columns keeping 2, 64-column tiles), every other layer as dense (groups of 2 columns, 32-column
-    tiles); a pruned weight of an unstructured mask becomes the code of its row's zero point, which
-    dequantises to exactly 0 (fp16 rows: +0), so the kernel reads 4 bits per column where the file
-    stores about 3 (50% kept at 4 bits plus the bitmask) but runs without ranks. None when the
-    columns or scale groups are not whole tiles, a zero point is not a code (never from
-    ``quantizer``), or a dense layer is on a GPU without mma.sync m16n8k16 (before Ampere), leaving the
-    layer to the general kernel.
+    """The fixed-position kernel's arrangement of a PackedLinear: 2:4 layers as 2:4 (pairs of the 2 kept
+    codes of 4 columns), every other layer as dense (pairs of 2 consecutive columns); a pruned weight
+    of an unstructured mask becomes the code of its row's zero point, which dequantises to exactly 0
+    (fp16 rows: +0), so the kernel reads 4 bits per column where the file stores about 3 (50% kept at
+    4 bits plus the bitmask) but runs without ranks. None when the columns or scale groups are not whole
+    32-column tiles, a zero point is not a code (never from ``quantizer``), or the GPU has no
+    mma.sync m16n8k16 (before Ampere), leaving the layer to the general kernel.
 
     Rows in packed order, each width segment padded to a multiple of PAD_ROWS rows (no kept weights),
-    P padded rows in all. A tile's W words per row hold bits 16h.. (word h) of the stream of its 16
-    groups' first codes (W bits each) in their low halves and of their second codes in their high
-    halves. Per segment, 2:4 codes int32 [tiles, W, padded rows]; dense codes int32 [blocks of 16 rows,
-    runs of 4 tiles (the last one padded with zeros), lane (p, q), row p or p + 8 of the block, W]:
-    lane (p, q) of the tensor-core path finds its tile q of rows p and p + 8 in 2W consecutive words.
-    2:4 ``index`` int32 [2 tiles, P]: word j of a tile has, for groups
-    8j + k and 8j + k + 4 (k < 4), the lower kept column at bits 2k and 2k + 16 and the upper at bits
-    2k + 8 and 2k + 24 (the size of the bitmask). scale and 1024 + zero as fp16 pairs [groups, P]."""
+    P padded rows in all. Per segment, codes int32 [blocks of 16 rows, runs (of 4 tiles dense, of
+    SPARSE_RUN tiles 2:4; the last one padded with zeros), lane (p, q), words]: lane (p, q)'s pairs in the
+    order the kernel takes them (see the comment above PAD_ROWS), 16 pairs per W words: word h holds
+    bits 16h.. of the stream of their first codes (W bits each) in its low half and of their second
+    codes in its high half. 2:4 ``index``: mma.sp metadata int32 [blocks, runs, lane (p, q), SPARSE_RUN / 2]:
+    slot s has the kept columns of groups 8 SPARSE_RUN run + 16 s + 4 q.. (4 bits each, lower | upper << 2)
+    of rows p (bits 0-15) and p + 8 (bits 16-31). scale and 1024 + zero as fp16 pairs [groups, P]."""
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     device = module.codes.device
-    kept = packed.kept()
-    groups4 = kept.view(rows, cols // 4, 4) if cols % 4 == 0 else None
-    dense = "mask" not in packed.tensors or groups4 is None or not bool((groups4.sum(-1) == 2).all())
-    tile = tile_columns(dense)
-    if cols % tile or (group_size != cols and group_size % tile):
+    if cols % 32 or (group_size != cols and group_size % 32):
         return None
-    tensor = _interpreted() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
-    if dense and not tensor:
+    if device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] < 8:
         return None
     assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
     if not set(packed.widths) <= set(WIDTHS):
         return None
+    kept = packed.kept()
+    groups4 = kept.view(rows, cols // 4, 4)
+    dense = "mask" not in packed.tensors or not bool((groups4.sum(-1) == 2).all())
     widths = packed.row_widths.to(device)
     values = unpack_bits(packed.tensors["codes"], widths[:, None].expand(rows, cols)[kept])
     quantized = int((widths < 16).sum())
@@ -883,95 +696,77 @@ def fixed_meta(module) -> dict | None:
         full[:quantized] = per_column(packed.tensors["zero"], group_size, cols).round().to(torch.int64)
         full[kept] = values
         values = full
-    values = values.view(rows, -1)
-    if not dense:
-        lower = groups4.int().argmax(-1)
-        upper = 3 - groups4.flip(-1).int().argmax(-1)
-        k = torch.arange(8, device=device)
-        shifts = (2 * (k % 4) + 16 * (k // 4)).view(1, 1, 1, 8)
-        index = ((lower.view(rows, -1, 2, 8) << shifts) | (upper.view(rows, -1, 2, 8) << (shifts + 8))).sum(-1)
-    tiles = cols // tile
+    pairs = values.view(rows, -1, 2)  # [rows, pairs of a row, first and second code]
+    run = 4 if dense else SPARSE_RUN  # 32-column tiles per run
+    runs = -(-cols // (32 * run))
+    run_pairs = 64 if dense else 8 * run  # pairs of a row in a run: 2 columns (dense) or a group of 4 (2:4) each
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
     total = sum(padded)
     groups = -(-cols // group_size)
-    sparse_mma = not dense and tensor
-    runs = -(-cols // (32 * (SPARSE_RUN if sparse_mma else 4)))  # the tensor-core paths walk runs of tiles
-    index_words = torch.zeros(2 * tiles if not dense else 1, total, dtype=torch.int32, device=device)
-    if sparse_mma:  # mma.sp metadata per lane [blocks of 16 rows, runs, lane (p, q), 2] (see _mma_sp): slot s
-        # of lane (p, q) has the groups 32 run + 16 s + 4 q.. of rows p (bits 0-15) and p + 8 (bits 16-31)
-        nibbles = torch.full((total, runs * 8 * SPARSE_RUN), 4, dtype=torch.int64, device=device)  # padding: columns 0, 1
+    if not dense:  # metadata nibbles per (row, group); padding rows and groups: columns 0 and 1
+        nibbles = torch.full((total, runs * run_pairs), 4, dtype=torch.int64, device=device)
     one = torch.ones(groups, total, dtype=torch.float16, device=device)
     scale, zz = _pairs(one, one), _pairs(1024 * one, 1024 * one)  # padding rows: weights (c - 0) * 1 of codes 0
     perm = torch.full((total,), -1, dtype=torch.int32, device=device)  # padding rows: not stored
     parts, seg_row, pad_row = [], 0, 0
     for (width, n), n_pad in zip(packed.widths.items(), padded):
         real, seg = slice(pad_row, pad_row + n), slice(seg_row, seg_row + n)
-        if sparse_mma:  # lane (p, q), pair 4m + 2h' + h: row p + 8h, group 32 run + 8m + 4h' + q
-            kept_pairs = torch.zeros(n_pad, runs * 8 * SPARSE_RUN, 2, dtype=torch.int64, device=device)
-            kept_pairs[:n, :cols // 4] = values[seg].view(n, -1, 2)
-            planes = kept_pairs.view(n_pad // 16, 2, 8, runs, SPARSE_RUN, 2, 4, 2).permute(7, 0, 3, 2, 6, 4, 5, 1).flatten()
-            halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, -1, width)
-            codes = _pairs(halves[0], halves[1])
-            nibbles[real, :cols // 4] = lower[seg] | (upper[seg] << 2)
-        else:
-            planes = values[seg].view(n, tiles, 16, 2).permute(3, 0, 1, 2).flatten()  # first codes, then second
-            halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, n, tiles, width)
-            codes = torch.zeros(-(-tiles // 4) * 4 if dense else tiles, width, n_pad, dtype=torch.int32, device=device)
-            codes[:tiles, :, :n] = _pairs(halves[0], halves[1]).permute(1, 2, 0)
-            if dense:  # the tensor-core path: [blocks of 16 rows, runs of 4 tiles, lane (p, q), row p or p + 8, word]
-                codes = codes.view(-1, 4, width, n_pad // 16, 2, 8).permute(3, 0, 5, 1, 4, 2)
-            elif not dense:
-                index_words[:, real] = signed32(index[seg].flatten(1)).T
-        parts.append(codes.flatten())
+        lane_pairs = torch.zeros(n_pad, runs * run_pairs, 2, dtype=torch.int64, device=device)
+        lane_pairs[:n, :pairs.shape[1]] = pairs[seg]
+        if dense:  # [fs, block, run, p, q, h, k]: pair k of tile 4 run + q in row p + 8h
+            planes = lane_pairs.view(n_pad // 16, 2, 8, runs, 4, 16, 2).permute(6, 0, 3, 2, 4, 1, 5)
+        else:  # [fs, block, run, p, q, m, h', h]: group 8m + 4h' + q of the run in row p + 8h
+            planes = lane_pairs.view(n_pad // 16, 2, 8, runs, run, 2, 4, 2).permute(7, 0, 3, 2, 6, 4, 5, 1)
+            lower = groups4[seg].int().argmax(-1)
+            upper = 3 - groups4[seg].flip(-1).int().argmax(-1)
+            nibbles[real, :cols // 4] = lower | (upper << 2)
+        planes = planes.flatten()
+        halves = pack_bits(planes, torch.full_like(planes, width)).view(torch.int16).view(2, -1)
+        parts.append(_pairs(halves[0], halves[1]))
         perm[real] = packed.perm[seg].to(device=device, dtype=torch.int32)
         if width < 16:  # quantized rows come first in packed order: their grids are rows seg_row.. too
             grid_scale, grid_zz = packed.tensors["scale"][seg].T, 1024 + packed.tensors["zero"][seg].T
             scale[:, real], zz[:, real] = _pairs(grid_scale, grid_scale), _pairs(grid_zz, grid_zz)
         seg_row += n
         pad_row += n_pad
-    if sparse_mma:  # [block, h, p, run, s, q, j] nibbles -> one word per (block, run, p, q, s)
+    index = torch.zeros(1, dtype=torch.int32, device=device)  # dense: not read
+    if not dense:  # [block, h, p, run, s, q, j] nibbles -> a word per (block, run, p, q, s)
         shifts = (16 * torch.arange(2, device=device).view(1, 2, 1, 1, 1, 1, 1)
                   + 4 * torch.arange(4, device=device).view(1, 1, 1, 1, 1, 1, 4))
-        words = (nibbles.view(total // 16, 2, 8, runs, SPARSE_RUN // 2, 4, 4) << shifts).sum((1, 6))  # [block, p, run, s, q]
-        index_words = signed32(words.permute(0, 2, 1, 4, 3).flatten())
+        words = (nibbles.view(total // 16, 2, 8, runs, run // 2, 4, 4) << shifts).sum((1, 6))  # [block, p, run, s, q]
+        index = signed32(words.permute(0, 2, 1, 4, 3).flatten())
     codes = torch.cat(parts)
-    assert codes.numel() < INT32_MAX and total * cols // 32 < INT32_MAX, "offsets need int32"
+    assert codes.numel() < INT32_MAX and index.numel() < INT32_MAX, "offsets need int32"
     segment_rows = dict(zip(packed.widths, padded))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
-    return {"codes": codes, "index": index_words, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
+    return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
-            "present": sum(1 << w for w in packed.widths), "dense": dense, "tensor": dense or sparse_mma,
+            "present": sum(1 << w for w in packed.widths), "dense": dense,
             "sms": sms, "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
-TOKENS_PER_PASS = 4  # 2:4: tokens sharing each decoded weight; more would spill registers
-
-
 def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size: int) -> torch.Tensor:
     """x [batch, cols] fp16 -> x W^T [batch, rows] fp16 through the fixed-position kernel: one launch,
-    the weights read once per MMA_TOKENS (tensor cores) or TOKENS_PER_PASS (fp16x2 2:4) tokens."""
+    the weights read once per MMA_TOKENS tokens."""
     batch = x.shape[0]
-    dense, tensor = meta["dense"], meta["tensor"]
+    dense = meta["dense"]
     y = torch.empty(batch, rows, dtype=torch.float16, device=x.device)
-    config = launch_config(meta, cols, batch)
-    if tensor:
-        assert config.warps * PAD_ROWS == config.rows * config.split, f"tensor cores: warps = split * rows / 16, got {config}"
-        if x.data_ptr() % 16:  # 16-byte loads of x
-            x = x.clone()
-    words = x.view(torch.int32 if tensor else torch.int64)
+    config = launch_config(meta, batch)
+    assert config.warps * PAD_ROWS == config.rows * config.split, f"warps = split * rows / 16, got {config}"
+    if x.data_ptr() % 16:  # 16-byte loads of x
+        x = x.clone()
+    words = x.view(torch.int32)
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
-    run = 4 if dense else SPARSE_RUN  # tiles per run (tensor cores)
-    even = (cols // 32) % (run * config.split) == 0 if tensor else (cols // 64) % config.split == 0  # no spare tiles
+    run = 4 if dense else SPARSE_RUN  # 32-column tiles per run
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
-        EVEN=even, BT=-(-batch // MMA_TOKENS) if tensor else min(batch, TOKENS_PER_PASS),
-        USE_ASM=not _interpreted(), PDL=pdl, AHEAD=config.ahead, TENSOR=tensor, RUN=run, num_warps=config.warps,
-        launch_pdl=pdl,
+        EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
+        PDL=pdl, AHEAD=config.ahead, RUN=run, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
