@@ -4,8 +4,9 @@
 
 One row per case (tuned cases left out), sorted by shape, bits and layer. "Cold" times read the
 weights from DRAM; "alone" times repeat one layer. Where a record also timed the case without
-programmatic dependent launch (``cold_serial_kernel_us``), both times are shown and the figures after
-them ("policy") follow ``kernels.fixed_config``'s launch policy for the case's shape and batch.
+programmatic dependent launch (``cold_serial_kernel_us``), both times are shown; the figures after
+them ("policy") are those of the launch the record's policy chose (``pdl``). Records of sessions 5 and 6,
+before the policy, timed PDL everywhere.
 """
 from __future__ import annotations
 
@@ -27,16 +28,8 @@ def _cold_times(record: dict) -> tuple[float | None, float]:
 
 
 def _policy_times(record: dict) -> tuple[bool, float, float]:
-    """(PDL used, cold µs, alone µs) under fixed_config's launch policy: serial where it turns PDL off."""
-    from sparsemix.kernels import PAD_ROWS, fixed_config
-
-    if not record.get("pdl"):
-        return False, record["cold_kernel_us"], record["kernel_us"]
-    rows, cols = record["shape"]  # records before the policy timed PDL everywhere: re-derive it (H100: 132 SMs)
-    config = fixed_config(-(-rows // PAD_ROWS) * PAD_ROWS, record["sparsity"] != "2:4", 132, record["batch"])
-    if config.pdl:
-        return True, record["cold_kernel_us"], record["kernel_us"]
-    return False, record["cold_serial_kernel_us"], record["serial_kernel_us"]
+    """(PDL used, cold µs, alone µs) as the record's launch policy ran it (``pdl``: its policy's choice)."""
+    return bool(record.get("pdl")), record["cold_kernel_us"], record["kernel_us"]
 
 
 def _percent(nbytes: int, us: float, peak_gbps: float | None) -> str:
