@@ -1,8 +1,8 @@
 """Triton kernels for y = x W^T with W in the packed format (``packing.py``), for decode batches.
 
 ``packed_matmul`` sends layers whose columns are whole 32-column tiles to the fixed-position kernel
-(fp16x2 arithmetic, see "the fixed-position kernel" below) and the rest to the general kernel
-described here.
+(tensor cores, see "the fixed-position kernel" below) and the rest to the general kernel described
+here.
 
 Layouts the general kernel reads (built once per linear by ``kernel_meta``; bytes within a few words
 per width segment of the file's):
@@ -203,7 +203,7 @@ PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (a
 
 @triton.jit
 def _halves(v):
-    """int32 holding an fp16 pair -> (low, high) as fp32 (the interpreter's fp16x2 arithmetic)."""
+    """int32 holding an fp16 pair -> (low, high) as fp32."""
     v = v.to(tl.uint32, bitcast=True)
     lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -249,7 +249,7 @@ def _codes(prev, cur, exponent, g: tl.constexpr, W: tl.constexpr):
 
 
 MMA_TOKENS = 8  # tokens per mma (its n)
-SPARSE_RUN = 8  # 2:4: 32-column tiles (one mma.sp each) per run, the columns a lane takes per step
+SPARSE_RUN = 8  # 2:4: 32-column tiles (one mma.sp each) per run, the columns a lane takes per step (4 or 8)
 
 
 @triton.jit
@@ -284,7 +284,8 @@ def _mma_sp(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e, SELECTOR: tl.cons
     values (rows p, p + 8 of k group q, then of k group 4 + q: the lower kept column's value in the low
     half), b0..b3 its pairs of B (k 2q + 8i.., column p), c0..c3 as for ``_mma``, e the metadata: in lanes
     q = 2 SELECTOR (k groups 0-3) and 2 SELECTOR + 1 (groups 4-7) the kept columns of row p (bits 0-15)
-    and row p + 8 (bits 16-31), 4 bits per group: lower | upper << 2. (H100: benchmarks/results-h100-matvec27-sparse.txt.)"""
+    and row p + 8 (bits 16-31), 4 bits per group: lower | upper << 2 (as probed on an H100:
+    benchmarks/results-h100-matvec27-sparse.txt)."""
     if USE_ASM:
         if SELECTOR == 0:
             return tl.inline_asm_elementwise(
@@ -318,10 +319,12 @@ def _mma_sp(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e, SELECTOR: tl.cons
             i = tl.arange(0, 4)[None, None, :, None]
             total = tl.zeros([n, 8, 8], dtype=tl.float32)
             for step in tl.static_range(4):
-                b_lo, b_hi = _halves((b0 if step == 0 else b1 if step == 1 else b2 if step == 2 else b3).reshape(n, 8, 4))
+                b = b0 if step == 0 else b1 if step == 1 else b2 if step == 2 else b3
+                b_lo, b_hi = _halves(b.reshape(n, 8, 4))  # [warp, column, q]
                 a_lo = tl.sum(tl.where(i == step, lo_k, 0.0), axis=2)  # [warp, p, q]
                 a_hi = tl.sum(tl.where(i == step, hi_k, 0.0), axis=2)
-                total += tl.sum(a_lo[:, :, None, :] * b_lo[:, None, :, :] + a_hi[:, :, None, :] * b_hi[:, None, :, :], axis=3)
+                products = a_lo[:, :, None, :] * b_lo[:, None, :, :] + a_hi[:, :, None, :] * b_hi[:, None, :, :]
+                total += tl.sum(products, axis=3)
             d = d + tl.split(total.reshape(n, 8, 4, 2))  # columns 2q and 2q + 1 at lane (p, q)
         return (c0 + d[0].reshape(n * 32), c1 + d[1].reshape(n * 32), c2 + d[2].reshape(n * 32),
                 c3 + d[3].reshape(n * 32))
@@ -341,9 +344,11 @@ def _less(v, zz, USE_ASM: tl.constexpr):
 
 # PTX of the vector loads of ``_words``: VECTOR words $0.. from address $VECTOR where $VECTOR+1 != 0 (zeros else)
 _LOAD2 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p ld.global.v2.b32 {$0, $1}, [$2]; }")
-_LOAD2_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; @p ld.global.v2.b32 {$0, $1}, [$2]; }")
+_LOAD2_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; "
+                            "@p ld.global.v2.b32 {$0, $1}, [$2]; }")
 _LOAD4 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }")
-_LOAD4_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }")
+_LOAD4_ZEROS = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
+                            "mov.b32 $3, 0; @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }")
 
 
 @triton.jit
@@ -376,10 +381,10 @@ def _words(ptr, offset, ok, COUNT: tl.constexpr, VECTOR: tl.constexpr, ZERO: tl.
 def _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, meta_run, inside, tile, n_tiles, P,
               GROUP_SIZE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr,
               USE_ASM: tl.constexpr):
-    """What a lane reads of its ``run`` of 128 columns besides x, nothing where not ``inside``: (dense and
-    GROUPED: grids (zz, s) of rows top and top + 8 for tile ``tile``, zeros past ``n_tiles``, else (); the
-    lane's code words, 2W (dense: W of row top, then W of row top + 8) or W (2:4); 2:4: its 2 metadata
-    words (run ``meta_run`` of the whole layer), else ())."""
+    """What a lane reads of its ``run`` (of RUN tiles of 32 columns) besides x, nothing where not ``inside``:
+    (dense and GROUPED: grids (zz, s) of rows top and top + 8 for tile ``tile``, zeros past ``n_tiles``,
+    else (); the lane's code words, 2W (dense: W of row top, then W of row top + 8) or W RUN / 4 (2:4);
+    2:4: its RUN / 2 metadata words (run ``meta_run`` of the whole layer), else ())."""
     grid = ()
     if GROUPED and not SPARSE:  # group size a multiple of the tile: one group per tile
         g = (tile * 32) // GROUP_SIZE
@@ -404,8 +409,9 @@ def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GRO
     """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED)."""
     if W == 16:
         return words[grp].to(tl.int32, bitcast=True)
-    v = _codes(words[(grp * W) // 16].to(tl.uint32, bitcast=True), words[(grp * W + W - 1) // 16].to(tl.uint32, bitcast=True),
-               exponent, grp, W).to(tl.int32, bitcast=True)
+    start, end = words[(grp * W) // 16], words[(grp * W + W - 1) // 16]
+    v = _codes(start.to(tl.uint32, bitcast=True), end.to(tl.uint32, bitcast=True), exponent, grp, W)
+    v = v.to(tl.int32, bitcast=True)
     if GROUPED:
         return _weights(v, zz, s, USE_ASM)
     return _less(v, zz, USE_ASM)
@@ -857,9 +863,10 @@ ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats t
 def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
-    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (4.6 µs
-    at batch 1 for a 4-bit 2:4 4096 x 4096 layer read from DRAM on an H100, 3.7x fp16); the rest the general kernel, once per
-    token for 2 to ROW_BY_ROW tokens (faster than its tl.dot path there), else once for the batch."""
+    Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (at batch 1,
+    4 bits, weights from DRAM on an H100: 5.3-11.1 µs, 2.9-4.3x fp16, on 4096 x 4096, 4096 x 11008 and
+    11008 x 4096 layers); the rest the general kernel, once per token for 2 to ROW_BY_ROW tokens
+    (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
     flat = x.reshape(-1, cols).to(torch.float16).contiguous()
