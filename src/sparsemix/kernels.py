@@ -454,8 +454,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
-    warp walking every SPLIT-th run of 128 columns (see above); the column walks are summed at the end.
-    Dense: 8 mma per run (lane q: tile q); 2:4 (SPARSE): 4 mma.sp (tile m: mma m)."""
+    warp walking every SPLIT-th run of RUN tiles (see above); the column walks are summed at the end.
+    Dense (RUN 4): 8 mma per run (lane q: tile q); 2:4 (SPARSE): RUN mma.sp (mma m: tile m)."""
     BLOCKS: tl.constexpr = BLOCK_R // 16
     N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
     e = tl.arange(0, N)
@@ -467,9 +467,9 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     local = top - seg_row0
     inside = local < seg_rows  # segments are whole blocks of 16 rows
     n_tiles = K // 32
-    GROUPS = tl.cdiv(n_tiles, RUN)  # runs per 16 rows
-    runs_before = (local // 16) * GROUPS  # the runs of the segment's blocks above this one
-    meta_offset = (seg_row0 // 16) * GROUPS  # 2:4 metadata runs of the segments before
+    block_runs = tl.cdiv(n_tiles, RUN)  # runs per block of 16 rows
+    runs_before = (local // 16) * block_runs  # the runs of the segment's blocks above this one
+    meta_offset = (seg_row0 // 16) * block_runs  # 2:4 metadata runs of the segments before
     if not GROUPED:  # one grid per row
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
@@ -520,7 +520,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         if SPARSE:
             xs = _sparse_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, RUN)
             for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
-                if GROUPED:  # group size a multiple of 64: one group per tile (a spare tile's: zeros)
+                if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
                     g = ((first + side * RUN + m) * 32) // GROUP_SIZE
                     real = inside & (first + side * RUN + m < n_tiles)
                     zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
