@@ -55,7 +55,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     types = ["*i32", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
-    run = 4 if dense else kernels.SPARSE_RUN
+    run = kernels.run_tiles(dense)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1

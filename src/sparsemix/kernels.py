@@ -252,6 +252,12 @@ MMA_TOKENS = 8  # tokens per mma (its n)
 SPARSE_RUN = 8  # 2:4: 32-column tiles (one mma.sp each) per run, the columns a lane takes per step (4 or 8)
 
 
+def run_tiles(dense: bool) -> int:
+    """32-column tiles per run, the columns a lane of the tensor-core kernel takes per step: 4 dense, one
+    per lane of a quad; SPARSE_RUN 2:4, one per mma.sp."""
+    return 4 if dense else SPARSE_RUN
+
+
 @triton.jit
 def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, USE_ASM: tl.constexpr):
     """D = A B + C per warp, mma.sync m16n8k16: a0..a3 a lane's fp16 pairs of A (rows p, p + 8 at k
@@ -418,31 +424,25 @@ def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GRO
 
 
 @triton.jit
-def _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
-    """Per block of 8 tokens, the 16 x words (32 columns) of tile ``tile`` for token p = lane // 4 of the
-    block: zeros where not ``ok`` (a spare tile: never when EVEN). Past the batch, the last token's
-    (its mma output columns are not stored)."""
-    xs = ()
-    for nb in tl.static_range(NB):
-        token = tl.minimum(nb * 8 + lane // 4, B - 1)
-        xs = xs + (_words(x_ptr, token * X_STRIDE + tile * 16, ok | EVEN, 16, 4, not EVEN, False, USE_ASM),)
-    return xs
-
-
-@triton.jit
-def _sparse_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, RUN: tl.constexpr):
-    """2:4: per block of 8 tokens, the x words of token p = lane // 4 for the 4 mma.sp of the run of 128
-    columns from tile ``tile`` (32-column tiles): words 4i + q of each tile (i < 4), zeros in tiles at or
-    past ``n_tiles`` (never when EVEN). Past the batch, the last token's."""
+def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
+           RUN: tl.constexpr, USE_ASM: tl.constexpr):
+    """Per block of 8 tokens, the x words of token p = lane // 4 for the B fragments of the run of RUN tiles
+    from tile ``tile``: dense, the 16 words (32 columns) of tile ``tile`` + q (4 vector loads); 2:4, words
+    4i + q (i < 4) of each tile of the run. Zeros in tiles at or past ``n_tiles`` (never when EVEN); past
+    the batch, the last token's (its mma output columns are not stored)."""
     q = lane % 4
     xs = ()
     for nb in tl.static_range(NB):
         token = tl.minimum(nb * 8 + lane // 4, B - 1)
-        words = ()
-        for m in tl.static_range(RUN):
-            ok = (tile + m < n_tiles) | EVEN
-            for i in tl.static_range(4):
-                words = words + (tl.load(x_ptr + token * X_STRIDE + (tile + m) * 16 + 4 * i + q, mask=ok, other=0),)
+        if SPARSE:
+            words = ()
+            for m in tl.static_range(RUN):
+                ok = (tile + m < n_tiles) | EVEN
+                for i in tl.static_range(4):
+                    words = words + (tl.load(x_ptr + token * X_STRIDE + (tile + m) * 16 + 4 * i + q, mask=ok, other=0),)
+        else:
+            ok = (tile + q < n_tiles) | EVEN
+            words = _words(x_ptr, token * X_STRIDE + (tile + q) * 16, ok, 16, 4, not EVEN, False, USE_ASM)
         xs = xs + (words,)
     return xs
 
@@ -503,7 +503,6 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     for first in range(0, n_tiles, STRIDE):
         tile = first + side * RUN + quad  # dense: the lane's tile
         run = runs_before + first // RUN + side
-        ok = (tile < n_tiles) | EVEN
         if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
             grid, words, meta = pending[0]
             later = first + AHEAD * STRIDE + side * RUN
@@ -517,8 +516,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
             grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
                                           run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE,
                                           W, SPARSE, GROUPED, RUN, USE_ASM)
+        xs = _mma_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, SPARSE, RUN, USE_ASM)
         if SPARSE:
-            xs = _sparse_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, RUN)
             for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
                 if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
                     g = ((first + side * RUN + m) * 32) // GROUP_SIZE
@@ -539,7 +538,6 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                                                  c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
                 accs = updated
         else:
-            xs = _mma_x(x_ptr, tile, ok, lane, B, X_STRIDE, NB, EVEN, USE_ASM)
             if GROUPED:
                 zz_top, s_top, zz_bottom, s_bottom = grid
             upper, lower = (), ()  # rows top, top + 8
@@ -703,7 +701,7 @@ def fixed_meta(module) -> dict | None:
         full[kept] = values
         values = full
     pairs = values.view(rows, -1, 2)  # [rows, pairs of a row, first and second code]
-    run = 4 if dense else SPARSE_RUN  # 32-column tiles per run
+    run = run_tiles(dense)
     runs = -(-cols // (32 * run))
     run_pairs = 64 if dense else 8 * run  # pairs of a row in a run: 2 columns (dense) or a group of 4 (2:4) each
     padded = [-(-n // PAD_ROWS) * PAD_ROWS for n in packed.widths.values()]
@@ -766,7 +764,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     words = x.view(torch.int32)
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
-    run = 4 if dense else SPARSE_RUN  # 32-column tiles per run
+    run = run_tiles(dense)
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
