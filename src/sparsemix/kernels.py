@@ -179,7 +179,8 @@ def _packed_matmul_kernel(
 # * codes come in pairs, two codes at the same bits of the two halves of a 32-bit word, so one shift
 #   and one LOP3 give both as fp16 1024 + code (the exponent trick) and one HSUB2 gives code - zero,
 #   exact in fp16: an fp16 pair, one register of an A fragment. Dense: a pair is 2 consecutive columns
-#   of a row; 2:4: the 2 kept columns of a group of 4.
+#   of a row; 2:4: the 2 kept columns of a group of 4 (whose 2- and 4-bit codes are read in place, without
+#   the shift: ``_mma_weights``).
 # * dense, mma.sync m16n8k16: a warp takes 16 rows and a run of 4 tiles of 32 columns per step. Lane
 #   (p, q) (p = lane // 4, q = lane % 4) decodes tile q of rows p and p + 8 into the A fragments of 8
 #   mmas (mma m: the tile's columns 4m.. at k positions 2q, 2q + 1, 8 + 2q, 9 + 2q) and loads x of token
@@ -410,11 +411,56 @@ def _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run
 
 
 @triton.jit
+def _scaled_less(v, SCALE: tl.constexpr, offset, USE_ASM: tl.constexpr):
+    """v * SCALE + offset for fp16 pairs in int32 (SCALE the fp16 bits of a power of 2; exact on codes)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [v, tl.full(v.shape, SCALE * 0x10001, tl.int32), offset], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        v_lo, v_hi = _halves(v)
+        s_lo, _ = _halves(tl.full(v.shape, SCALE, tl.int32))
+        o_lo, o_hi = _halves(offset)
+        return _pair(v_lo * s_lo + o_lo, v_hi * s_lo + o_hi)
+
+
+LOW_OFFSET = tl.constexpr((0x6200, 0x6380, 0x63E0))  # 1024 - 1024 / 2^k as fp16 bits, k = 2, 4, 6
+POWER = tl.constexpr((0x3400, 0x2C00, 0x2400))  # 2^-k as fp16 bits, k = 2, 4, 6
+
+
+@triton.jit
+def _offsets(zz, W: tl.constexpr, USE_ASM: tl.constexpr):
+    """-(1024 / 2^k + zero) for k = 2, 4, 6 as fp16 pairs (what ``_mma_weights`` adds to codes read in place at
+    bit k of a byte), from zz = 1024 + zero; only k = 4 for 4-bit codes."""
+    out = ()
+    for i in tl.static_range(3):
+        if W == 2 or (W == 4 and i == 1):
+            out = out + (_less(tl.full(zz.shape, LOW_OFFSET[i] * 0x10001, tl.int32), zz, USE_ASM),)
+        else:
+            out = out + (zz,)
+    return out
+
+
+@triton.jit
 def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GROUPED: tl.constexpr,
-                 USE_ASM: tl.constexpr):
-    """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED)."""
+                 IN_PLACE: tl.constexpr, USE_ASM: tl.constexpr):
+    """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED).
+    IN_PLACE (2:4 rows of 2 or 4 bits with one grid): a code at bits k..k+W of a byte is masked where it
+    lies, 1024 + code 2^k (exact: below 2048), and one FMA times 2^-k plus ``s[k / 2 - 1]`` = -(1024 / 2^k +
+    zero) gives code - zero, so the 4 codes of a 16-bit half cost one shift (of the upper byte), not three.
+    Dense rows keep the shifts: the same change made them slower on an H100 (results-h100-matvec29-ab.txt)."""
     if W == 16:
         return words[grp].to(tl.int32, bitcast=True)
+    if (W == 2 or W == 4) and IN_PLACE and not GROUPED:
+        SHIFT: tl.constexpr = (grp * W) % 16
+        K: tl.constexpr = SHIFT % 8
+        word = words[(grp * W) // 16].to(tl.uint32, bitcast=True)
+        if SHIFT >= 8:
+            word = word >> 8
+        v = ((word & ((((1 << W) - 1) << K) * 0x10001)) | exponent).to(tl.int32, bitcast=True)
+        if K == 0:
+            return _less(v, zz, USE_ASM)
+        return _scaled_less(v, POWER[K // 2 - 1], s[K // 2 - 1], USE_ASM)
     start, end = words[(grp * W) // 16], words[(grp * W + W - 1) // 16]
     v = _codes(start.to(tl.uint32, bitcast=True), end.to(tl.uint32, bitcast=True), exponent, grp, W)
     v = v.to(tl.int32, bitcast=True)
@@ -473,7 +519,9 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     if not GROUPED:  # one grid per row
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
-        s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop
+        s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop; 2:4 reads codes in place
+        if SPARSE:
+            s_top, s_bottom = _offsets(zz_top, W, USE_ASM), _offsets(zz_bottom, W, USE_ASM)
     exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
     accs = ()
     for nb in tl.static_range(NB):
@@ -526,10 +574,10 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                     s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
                     zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
                     s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
-                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, USE_ASM)
-                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, USE_ASM)
-                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, USE_ASM)
-                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, USE_ASM)
+                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, SPARSE, USE_ASM)
+                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, SPARSE, USE_ASM)
+                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, SPARSE, USE_ASM)
+                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, SPARSE, USE_ASM)
                 updated = ()
                 for nb in tl.static_range(NB):
                     c0, c1, c2, c3 = accs[nb]
@@ -545,10 +593,10 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                 upper = upper + (words[h],)
                 lower = lower + (words[W + h],)
             for m in tl.static_range(8):
-                a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, USE_ASM)
-                a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, USE_ASM)
-                a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
-                a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, USE_ASM)
+                a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, False, USE_ASM)
+                a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, False, USE_ASM)
+                a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
+                a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
                 updated = ()
                 for nb in tl.static_range(NB):
                     c0, c1, c2, c3 = accs[nb]
@@ -558,9 +606,12 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         target = targets[half]
         for nb in tl.static_range(NB):
             for j in tl.static_range(2):
-                y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
-                token = nb * 8 + column + j
-                tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=(target >= 0) & (token < B))
+                # one token: only its column (2q, j = 0) is stored, and skipping the other reduction drops its
+                # barriers (B == 1 is specialised at launch, so this test is static there)
+                if j == 0 or B > 1:
+                    y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
+                    token = nb * 8 + column + j
+                    tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=(target >= 0) & (token < B))
 
 
 @triton.jit
