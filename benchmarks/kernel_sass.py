@@ -58,6 +58,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     run = kernels.run_tiles(dense)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
+                 ONE_TOKEN=tokens == 1,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
     positions = 64 if dense else 16 * run  # a lane's share of a step: 8 mma of 16 x 16, or RUN mma.sp of 16 x 32

@@ -445,10 +445,11 @@ def _offsets(zz, W: tl.constexpr, USE_ASM: tl.constexpr):
 def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GROUPED: tl.constexpr,
                  IN_PLACE: tl.constexpr, USE_ASM: tl.constexpr):
     """Group ``grp``'s 2 weights of a row as an fp16 pair: code - zero (times the scale when GROUPED).
-    IN_PLACE (2:4 rows of 2 or 4 bits with one grid): a code at bits k..k+W of a byte is masked where it
+    IN_PLACE (2:4 rows of 2 or 4 bits with one grid, one token): a code at bits k..k+W of a byte is masked where it
     lies, 1024 + code 2^k (exact: below 2048), and one FMA times 2^-k plus ``s[k / 2 - 1]`` = -(1024 / 2^k +
     zero) gives code - zero, so the 4 codes of a 16-bit half cost one shift (of the upper byte), not three.
-    Dense rows keep the shifts: the same change made them slower on an H100 (results-h100-matvec29-ab.txt)."""
+    Dense rows and batches keep the shifts: there the change was slower or no faster on an H100
+    (benchmarks/results-h100-matvec29-ab.txt)."""
     if W == 16:
         return words[grp].to(tl.int32, bitcast=True)
     if (W == 2 or W == 4) and IN_PLACE and not GROUPED:
@@ -497,11 +498,13 @@ def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.c
 def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows,
                P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr,
                BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
-               USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr):
+               USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr,
+               ONE_TOKEN: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
     warp walking every SPLIT-th run of RUN tiles (see above); the column walks are summed at the end.
-    Dense (RUN 4): 8 mma per run (lane q: tile q); 2:4 (SPARSE): RUN mma.sp (mma m: tile m)."""
+    Dense (RUN 4): 8 mma per run (lane q: tile q); 2:4 (SPARSE): RUN mma.sp (mma m: tile m). ONE_TOKEN (B == 1):
+    only the walks of the output column that holds the token are summed."""
     BLOCKS: tl.constexpr = BLOCK_R // 16
     N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
     e = tl.arange(0, N)
@@ -519,8 +522,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     if not GROUPED:  # one grid per row
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
-        s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop; 2:4 reads codes in place
-        if SPARSE:
+        s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop
+        if SPARSE and ONE_TOKEN:
             s_top, s_bottom = _offsets(zz_top, W, USE_ASM), _offsets(zz_bottom, W, USE_ASM)
     exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
     accs = ()
@@ -574,10 +577,10 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                     s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
                     zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
                     s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
-                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, SPARSE, USE_ASM)
-                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, SPARSE, USE_ASM)
-                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, SPARSE, USE_ASM)
-                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, SPARSE, USE_ASM)
+                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
+                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
+                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
+                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
                 updated = ()
                 for nb in tl.static_range(NB):
                     c0, c1, c2, c3 = accs[nb]
@@ -606,9 +609,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         target = targets[half]
         for nb in tl.static_range(NB):
             for j in tl.static_range(2):
-                # one token: only its column (2q, j = 0) is stored, and skipping the other reduction drops its
-                # barriers (B == 1 is specialised at launch, so this test is static there)
-                if j == 0 or B > 1:
+                if j == 0 or not ONE_TOKEN:  # one token: only its column (2q, j = 0) is stored
                     y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
                     token = nb * 8 + column + j
                     tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=(target >= 0) & (token < B))
@@ -636,7 +637,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
@@ -655,7 +656,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                            tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
                            B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, NB, USE_ASM, PDL,
-                           AHEAD, RUN)
+                           AHEAD, RUN, ONE_TOKEN)
             first += programs
             seg_row0 += seg_rows
             # whole runs of RUN tiles of 32 columns; 2:4 keeps half of them
@@ -821,7 +822,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
-        PDL=pdl, AHEAD=config.ahead, RUN=run, num_warps=config.warps, launch_pdl=pdl,
+        PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
