@@ -431,7 +431,7 @@ POWER = tl.constexpr((0x3400, 0x2C00, 0x2400))  # 2^-k as fp16 bits, k = 2, 4, 6
 @triton.jit
 def _offsets(zz, W: tl.constexpr, USE_ASM: tl.constexpr):
     """-(1024 / 2^k + zero) for k = 2, 4, 6 as fp16 pairs (what ``_mma_weights`` adds to codes read in place at
-    bit k of a byte), from zz = 1024 + zero; only k = 4 for 4-bit codes."""
+    bit k of a byte), from zz = 1024 + zero; only k = 4 for 4-bit codes (the unused slots hold zz)."""
     out = ()
     for i in tl.static_range(3):
         if W == 2 or (W == 4 and i == 1):
@@ -507,6 +507,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     only the walks of the output column that holds the token are summed."""
     BLOCKS: tl.constexpr = BLOCK_R // 16
     N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
+    IN_PLACE: tl.constexpr = SPARSE and ONE_TOKEN  # 2:4 codes read in place (``_mma_weights``)
     e = tl.arange(0, N)
     lane = e % 32
     block = (e // 32) % BLOCKS
@@ -523,7 +524,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         zz_top = tl.load(zz_ptr + top, mask=inside, other=0)
         zz_bottom = tl.load(zz_ptr + top + 8, mask=inside, other=0)
         s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop
-        if SPARSE and ONE_TOKEN:
+        if IN_PLACE:
             s_top, s_bottom = _offsets(zz_top, W, USE_ASM), _offsets(zz_bottom, W, USE_ASM)
     exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
     accs = ()
@@ -577,10 +578,10 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                     s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
                     zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
                     s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
-                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
-                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
-                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
-                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, SPARSE and ONE_TOKEN, USE_ASM)
+                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, IN_PLACE, USE_ASM)
+                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, IN_PLACE, USE_ASM)
+                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, IN_PLACE, USE_ASM)
+                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, IN_PLACE, USE_ASM)
                 updated = ()
                 for nb in tl.static_range(NB):
                     c0, c1, c2, c3 = accs[nb]
@@ -612,7 +613,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                 if j == 0 or not ONE_TOKEN:  # one token: only its column (2q, j = 0) is stored
                     y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
                     token = nb * 8 + column + j
-                    tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty), mask=(target >= 0) & (token < B))
+                    tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty),
+                             mask=(target >= 0) & (token < B))
 
 
 @triton.jit
