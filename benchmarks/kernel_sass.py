@@ -49,7 +49,7 @@ def _loop(ins: list[tuple[int, str]]) -> int:
 def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     """The fixed-position kernel's loop (tensor cores; dense or 2:4) at the shape ``fixed_config`` picks
     for 4096 rows and ``tokens`` tokens; per weight = per column position (kept or pruned)."""
-    config = kernels.fixed_config(4096, dense, sms=132, batch=tokens)  # an H100's choice for 4096 rows
+    config = kernels.fixed_config(4096, 4096, dense, sms=132, batch=tokens)  # an H100's choice for 4096 x 4096
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
     types = ["*i32", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
@@ -58,7 +58,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     run = kernels.run_tiles(dense)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
-                 ONE_TOKEN=tokens == 1,
+                 ONE_TOKEN=tokens == 1, STEPS=0,  # the loop form: an unrolled walk repeats this body per step
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
     positions = 64 if dense else 16 * run  # a lane's share of a step: 8 mma of 16 x 16, or RUN mma.sp of 16 x 32

@@ -188,7 +188,7 @@ def _config(module, batch: int) -> str:
     if not module.fixed_meta:
         return "general"
     config = launch_config(module.fixed_meta, batch)
-    return f"{config.rows}x{config.split}x{config.warps}"
+    return f"{config.rows}x{config.split}x{config.warps}{'u' if config.unrolled else ''}"
 
 
 def main() -> None:
@@ -198,9 +198,10 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
-    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS[p][aN] "
-                        "configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2 (dense; rows x split = 16 x warps) (p: "
-                        "programmatic dependent launch, aN: weights loaded N steps of the loop ahead, a alone 1)")
+    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS[p][aN][u] "
+                        "configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2u (dense; rows x split = 16 x warps) (p: "
+                        "programmatic dependent launch, aN: weights loaded N steps of the loop ahead, a alone 1, "
+                        "u: the column walk unrolled)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -219,21 +220,23 @@ def main() -> None:
 
 
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
-    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS[p][aN]
+    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS[p][aN][u]
     config (rows per program times column walks side by side, column walks, warps; p: launched with
-    programmatic dependent launch, aN: each step of the loop loads the weights of the step N on)."""
+    programmatic dependent launch, aN: each step of the loop loads the weights of the step N on, u: the
+    column walk unrolled)."""
     import re
 
     from sparsemix.kernels import PAD_ROWS, FixedConfig
 
     meta = built[0].fixed_meta
     for config in configs.split(","):
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?", config)
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?(u?)", config)
         if match is None:
-            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN], e.g. 128x8x8pa2")
+            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN][u], e.g. 128x8x8pa2u")
         elements, split, warps = (int(match[i]) for i in (1, 2, 3))
         ahead = 0 if match[5] is None else int(match[6] or 1)
-        meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl=match[4] == "p", ahead=ahead)
+        meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl=match[4] == "p", ahead=ahead,
+                                     unrolled=match[7] == "u")
         result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "tuned": config, **result}), flush=True)
     meta["config"] = None

@@ -95,7 +95,8 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         packed_matmul(x.to(device), module)
         # tensor cores: warps = split * rows / 16
         for config in (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
-                       FixedConfig(64, 1, 4, ahead=2)):
+                       FixedConfig(64, 1, 4, ahead=2), FixedConfig(16, 1, 1, ahead=2, unrolled=True),
+                       FixedConfig(32, 2, 4, ahead=1, unrolled=True)):
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
@@ -149,13 +150,16 @@ def test_launch_shapes_fill_their_programs_exactly():
     for rows in (16, 576, 4096, 11008, 28672):
         for dense in (True, False):
             for batch in (1, 2, 16):
-                config = fixed_config(rows, dense, 132, batch)
+                config = fixed_config(rows, 4096, dense, 132, batch)
                 assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
-    assert fixed_config(4096, True, 132, 1) == fixed_config(4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2)
-    assert fixed_config(11008, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)
-    assert fixed_config(11008, False, 132, 1) == FixedConfig(32, 4, 8, True, 1)
+    # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled
+    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)
+    assert fixed_config(11008, 4096, False, 132, 1) == FixedConfig(32, 4, 8, True, 1)
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

@@ -495,11 +495,80 @@ def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.c
 
 
 @triton.jit
+def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constexpr, SPARSE: tl.constexpr,
+              GROUPED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
+              AHEAD: tl.constexpr, RUN: tl.constexpr, USE_ASM: tl.constexpr):
+    """One step of a warp's column walk (``_mma_block``), from tile ``first`` of the block: queue the weights of the
+    step AHEAD on, take the oldest of ``pending`` (or load them now when AHEAD is 0), load x and add the run's
+    products to ``accs``; returns the new (pending, accs). The other arguments are ``_mma_block``'s, as tuples."""
+    x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr = pointers
+    top, lane, side, quad, inside, runs_before, meta_offset = lanes
+    word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE = sizes
+    zz_top, s_top, zz_bottom, s_bottom, exponent = grids
+    STRIDE: tl.constexpr = RUN * SPLIT
+    tile = first + side * RUN + quad  # dense: the lane's tile
+    run = runs_before + first // RUN + side
+    if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
+        grid, words, meta = pending[0]
+        later = first + AHEAD * STRIDE + side * RUN
+        queued = ()
+        for d in tl.static_range(1, AHEAD):
+            queued = queued + (pending[d],)
+        pending = queued + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane,
+                                      run + AHEAD * SPLIT, run + AHEAD * SPLIT + meta_offset,
+                                      inside & (later < n_tiles), later + quad, n_tiles, P, GROUP_SIZE, W, SPARSE,
+                                      GROUPED, RUN, USE_ASM),)
+    else:
+        grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
+                                      run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P,
+                                      GROUP_SIZE, W, SPARSE, GROUPED, RUN, USE_ASM)
+    xs = _mma_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, SPARSE, RUN, USE_ASM)
+    if SPARSE:
+        for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
+            if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
+                g = ((first + side * RUN + m) * 32) // GROUP_SIZE
+                real = inside & (first + side * RUN + m < n_tiles)
+                zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
+                s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
+                zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
+                s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
+            a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, IN_PLACE, USE_ASM)
+            a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, IN_PLACE, USE_ASM)
+            a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, IN_PLACE, USE_ASM)
+            a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, IN_PLACE, USE_ASM)
+            updated = ()
+            for nb in tl.static_range(NB):
+                c0, c1, c2, c3 = accs[nb]
+                x = xs[nb]
+                updated = updated + (_mma_sp(a0, a1, a2, a3, x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3],
+                                             c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
+            accs = updated
+    else:
+        if GROUPED:
+            zz_top, s_top, zz_bottom, s_bottom = grid
+        upper, lower = (), ()  # rows top, top + 8
+        for h in tl.static_range(W):
+            upper = upper + (words[h],)
+            lower = lower + (words[W + h],)
+        for m in tl.static_range(8):
+            a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, False, USE_ASM)
+            a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, False, USE_ASM)
+            a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
+            a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
+            updated = ()
+            for nb in tl.static_range(NB):
+                c0, c1, c2, c3 = accs[nb]
+                updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
+            accs = updated
+    return pending, accs
+
+
+@triton.jit
 def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0, word_base, seg_row0, seg_rows,
                P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr,
                BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
                USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr,
-               ONE_TOKEN: tl.constexpr):
+               ONE_TOKEN: tl.constexpr, STEPS: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
     warp walking every SPLIT-th run of RUN tiles (see above); the column walks are summed at the end.
@@ -526,6 +595,9 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         s_top, s_bottom = zz_top, zz_bottom  # unused: the scales come after the loop
         if IN_PLACE:
             s_top, s_bottom = _offsets(zz_top, W, USE_ASM), _offsets(zz_bottom, W, USE_ASM)
+    else:  # each step loads its groups' grids
+        zz_top = tl.zeros([N], dtype=tl.int32)
+        s_top, zz_bottom, s_bottom = zz_top, zz_top, zz_top
     exponent = (zz_top if not GROUPED else tl.load(zz_ptr + top, mask=inside, other=0)) & -67044352  # 0xFC00FC00
     accs = ()
     for nb in tl.static_range(NB):
@@ -552,60 +624,17 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                                        GROUPED, RUN, USE_ASM),)
     if PDL:  # weights above, x below
         tl.extra.cuda.gdc_wait()
-    for first in range(0, n_tiles, STRIDE):
-        tile = first + side * RUN + quad  # dense: the lane's tile
-        run = runs_before + first // RUN + side
-        if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
-            grid, words, meta = pending[0]
-            later = first + AHEAD * STRIDE + side * RUN
-            queued = ()
-            for d in tl.static_range(1, AHEAD):
-                queued = queued + (pending[d],)
-            pending = queued + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run + AHEAD * SPLIT,
-                                          run + AHEAD * SPLIT + meta_offset, inside & (later < n_tiles), later + quad, n_tiles, P,
-                                          GROUP_SIZE, W, SPARSE, GROUPED, RUN, USE_ASM),)
-        else:
-            grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
-                                          run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE,
-                                          W, SPARSE, GROUPED, RUN, USE_ASM)
-        xs = _mma_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, SPARSE, RUN, USE_ASM)
-        if SPARSE:
-            for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
-                if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
-                    g = ((first + side * RUN + m) * 32) // GROUP_SIZE
-                    real = inside & (first + side * RUN + m < n_tiles)
-                    zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
-                    s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
-                    zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
-                    s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
-                a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, IN_PLACE, USE_ASM)
-                a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, IN_PLACE, USE_ASM)
-                a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, IN_PLACE, USE_ASM)
-                a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, IN_PLACE, USE_ASM)
-                updated = ()
-                for nb in tl.static_range(NB):
-                    c0, c1, c2, c3 = accs[nb]
-                    x = xs[nb]
-                    updated = updated + (_mma_sp(a0, a1, a2, a3, x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3],
-                                                 c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
-                accs = updated
-        else:
-            if GROUPED:
-                zz_top, s_top, zz_bottom, s_bottom = grid
-            upper, lower = (), ()  # rows top, top + 8
-            for h in tl.static_range(W):
-                upper = upper + (words[h],)
-                lower = lower + (words[W + h],)
-            for m in tl.static_range(8):
-                a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, False, USE_ASM)
-                a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, False, USE_ASM)
-                a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
-                a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
-                updated = ()
-                for nb in tl.static_range(NB):
-                    c0, c1, c2, c3 = accs[nb]
-                    updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
-                accs = updated
+    pointers = (x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr)
+    lanes = (top, lane, side, quad, inside, runs_before, meta_offset)
+    sizes, grids = (word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE), (zz_top, s_top, zz_bottom, s_bottom, exponent)
+    if STEPS > 0:  # straight line: each step's loads get registers of their own (see FixedConfig.unrolled)
+        for k in tl.static_range(STEPS):
+            pending, accs = _mma_step(pending, accs, k * STRIDE, pointers, lanes, sizes, grids, W, SPARSE, GROUPED,
+                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM)
+    else:
+        for first in range(0, n_tiles, STRIDE):
+            pending, accs = _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W, SPARSE, GROUPED,
+                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM)
     for half in tl.static_range(2):  # rows top, top + 8
         target = targets[half]
         for nb in tl.static_range(NB):
@@ -639,7 +668,8 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   ROWS_2, ROWS_3, ROWS_4, ROWS_6, ROWS_8, ROWS_16, P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE,
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
-                  PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr):
+                  PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr,
+                  STEPS: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
@@ -658,7 +688,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                            tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
                            B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, NB, USE_ASM, PDL,
-                           AHEAD, RUN, ONE_TOKEN)
+                           AHEAD, RUN, ONE_TOKEN, STEPS)
             first += programs
             seg_row0 += seg_rows
             # whole runs of RUN tiles of 32 columns; 2:4 keeps half of them
@@ -670,34 +700,46 @@ class FixedConfig:
     """A launch shape of the fixed-position kernel: ``rows`` per program (a multiple of PAD_ROWS),
     ``split`` warps side by side along the columns per 16 rows (so ``warps`` = split * rows / 16),
     ``warps`` per program, whether to launch it with programmatic dependent launch where the GPU has it
-    (Hopper on), and how many steps of the loop ahead the weights are loaded (``ahead``; each step
-    ahead holds a run's code words in registers)."""
+    (Hopper on), how many steps of the loop ahead the weights are loaded (``ahead``; each step
+    ahead holds a run's code words in registers), and whether the column walk is straight-line code
+    (``unrolled``: one copy of the step per step of the walk, so each step's loads have registers of their
+    own and the compiler issues x a step early; a loop carries its queued loads in registers that a copy
+    at its top waits for, so there each step waits on the loads it queued one step before)."""
     rows: int
     split: int
     warps: int
     pdl: bool = True
     ahead: int = 0
+    unrolled: bool = False
+
+
+UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
-def fixed_config(rows: int, dense: bool, sms: int, batch: int) -> FixedConfig:
-    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows, dense or 2:4, on a GPU of
-    ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per
+def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> FixedConfig:
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows by ``cols`` columns, dense or
+    2:4, on a GPU of ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per
     multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
     wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
     about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
     4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
     fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading further ahead,
     loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change the
-    shape: one mma serves 8 tokens."""
+    shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled:
+    4096 x 4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16
+    (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks and 2:4 layers were as fast or
+    slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
-    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1)
+    steps = -(-(cols // 32) // (run_tiles(dense) * (8 // blocks)))
+    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1,
+                       dense and blocks == 1 and steps <= UNROLLED_STEPS)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
-    return meta["config"] or fixed_config(padded_rows, meta["dense"], meta["sms"], batch)
+    return meta["config"] or fixed_config(padded_rows, meta["cols"], meta["dense"], meta["sms"], batch)
 
 
 def uses_pdl(meta: dict, config: FixedConfig) -> bool:
@@ -801,7 +843,8 @@ def fixed_meta(module) -> dict | None:
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
-            "sms": sms, "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
+            "sms": sms, "cols": cols,
+            "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
@@ -819,12 +862,14 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     run = run_tiles(dense)
+    steps = -(-(cols // 32) // (run * config.split))  # of a warp's column walk
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
-        PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1, num_warps=config.warps, launch_pdl=pdl,
+        PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1, STEPS=steps if config.unrolled else 0,
+        num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
