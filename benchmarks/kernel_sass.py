@@ -46,9 +46,18 @@ def _loop(ins: list[tuple[int, str]]) -> int:
     return sum(start <= a <= end for a, _ in ins)
 
 
+def _walk(ins: list[tuple[int, str]], steps: int) -> float:
+    """Instructions per step of an unrolled column walk: from the PDL wait to the first barrier of the sums."""
+    texts = [text for _, text in ins]
+    start = next(i for i, text in enumerate(texts) if text.startswith("ACQBULK"))
+    end = next(i for i in range(start, len(texts)) if texts[i].startswith("BAR.SYNC"))
+    return (end - start) / steps
+
+
 def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
-    """The fixed-position kernel's loop (tensor cores; dense or 2:4) at the shape ``fixed_config`` picks
-    for 4096 rows and ``tokens`` tokens; per weight = per column position (kept or pruned)."""
+    """The fixed-position kernel's instructions per step of a warp's column walk (tensor cores; dense or 2:4)
+    at the shape ``fixed_config`` picks for 4096 x 4096 and ``tokens`` tokens: the loop body, or an unrolled
+    walk's instructions over its steps; per weight = per column position (kept or pruned)."""
     config = kernels.fixed_config(4096, 4096, dense, sms=132, batch=tokens)  # an H100's choice for 4096 x 4096
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
@@ -56,14 +65,16 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
     run = kernels.run_tiles(dense)
+    steps = 4096 // 32 // (run * config.split)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
-                 ONE_TOKEN=tokens == 1, STEPS=0,  # the loop form: an unrolled walk repeats this body per step
+                 ONE_TOKEN=tokens == 1, STEPS=steps if config.unrolled else 0,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
-    body = _loop(_sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16))
+    ins = _sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16)
+    body = _walk(ins, steps) if config.unrolled else _loop(ins)
     positions = 64 if dense else 16 * run  # a lane's share of a step: 8 mma of 16 x 16, or RUN mma.sp of 16 x 32
-    return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "loop_instructions": body,
-            "per_weight": round(body / positions, 1)}
+    return {"kernel": "dense" if dense else "2:4", "width": width, "tokens": tokens, "unrolled": config.unrolled,
+            "step_instructions": round(body, 1), "per_weight": round(body / positions, 1)}
 
 
 def loop_instructions(width: int, sparse: bool, batch_block: int, num_warps: int = 4) -> dict:

@@ -732,8 +732,9 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     steps = -(-(cols // 32) // (run_tiles(dense) * (8 // blocks)))
-    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1,
-                       dense and blocks == 1 and steps <= UNROLLED_STEPS)
+    if dense and blocks == 1 and steps <= UNROLLED_STEPS:  # every step's weights loaded before the PDL wait
+        return FixedConfig(PAD_ROWS, 8, 8, True, steps, unrolled=True)
+    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
