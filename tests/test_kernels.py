@@ -155,7 +155,7 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled
-    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 4, unrolled=True)
+    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
     assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
     assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)

@@ -718,9 +718,9 @@ UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
 def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> FixedConfig:
-    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows by ``cols`` columns, dense or
-    2:4, on a GPU of ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per
-    multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows by ``cols`` columns, dense
+    or 2:4, on a GPU of ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number
+    at most 2 per multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
     wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
     about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
     4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
@@ -729,12 +729,12 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled:
     4096 x 4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16
     (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks and 2:4 layers were as fast or
-    slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs)."""
+    slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs), and loading all 4 steps
+    ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against 8.76 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     steps = -(-(cols // 32) // (run_tiles(dense) * (8 // blocks)))
-    if dense and blocks == 1 and steps <= UNROLLED_STEPS:  # every step's weights loaded before the PDL wait
-        return FixedConfig(PAD_ROWS, 8, 8, True, steps, unrolled=True)
-    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1)
+    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1,
+                       dense and blocks == 1 and steps <= UNROLLED_STEPS)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
