@@ -962,7 +962,7 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
     Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (at batch 1,
-    4 bits, weights from DRAM on an H100: 4.7-10.8 µs, 3.2-4.4x fp16, on 4096 x 4096, 4096 x 11008 and
+    4 bits, weights from DRAM on an H100: 4.7-10.8 µs, 3.3-4.5x fp16, on 4096 x 4096, 4096 x 11008 and
     11008 x 4096 layers); the rest the general kernel, once per token for 2 to ROW_BY_ROW tokens
     (faster than its tl.dot path there), else once for the batch."""
     header = module.header
