@@ -573,7 +573,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
     warp walking every SPLIT-th run of RUN tiles (see above); the column walks are summed at the end.
     Dense (RUN 4): 8 mma per run (lane q: tile q); 2:4 (SPARSE): RUN mma.sp (mma m: tile m). ONE_TOKEN (B == 1):
-    only the walks of the output column that holds the token are summed."""
+    only the walks of the output column that holds the token are summed. STEPS > 0: the walk is that many steps
+    of straight-line code (``FixedConfig.unrolled``), 0: a loop."""
     BLOCKS: tl.constexpr = BLOCK_R // 16
     N: tl.constexpr = 32 * BLOCKS * SPLIT  # one element per thread
     IN_PLACE: tl.constexpr = SPARSE and ONE_TOKEN  # 2:4 codes read in place (``_mma_weights``)
