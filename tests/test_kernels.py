@@ -1,5 +1,7 @@
 """The Triton kernel against dequantise-then-matmul: on the GPU when there is one, else in
 Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 before Triton is imported)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,7 +80,8 @@ def test_fixed_position_kernel_matches_dequantise_then_matmul():
 def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes():
     """Rows per program, column walks side by side, warps and loading ahead change which program and
     thread take a (row, tile) pair and when, never the product: ragged splits, programs spanning
-    segments, batches of one and of two passes (2:4) or mma token blocks (dense)."""
+    segments, batches of one and of two passes (2:4) or mma token blocks (dense). An unrolled walk sums in the
+    loop's order, so it gives the loop's product bit for bit."""
     pytest.importorskip("triton")
     from sparsemix.kernels import FixedConfig, packed_matmul
     from sparsemix.packed import PackedLinear
@@ -100,6 +103,9 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
+            if config.unrolled:
+                module.fixed_meta["config"] = dataclasses.replace(config, unrolled=False)
+                assert torch.equal(packed_matmul(x.to(device), module).float().cpu(), y), (cols, config)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="launch order only matters on a GPU")
