@@ -65,7 +65,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
     run = kernels.run_tiles(dense)
-    steps = 4096 // 32 // (run * config.split)
+    steps = kernels.walk_steps(4096, dense, config.split)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
                  ONE_TOKEN=tokens == 1, STEPS=steps if config.unrolled else 0,

@@ -717,6 +717,11 @@ class FixedConfig:
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
 
 
+def walk_steps(cols: int, dense: bool, split: int) -> int:
+    """Steps of a warp's column walk over ``cols`` columns with ``split`` walks side by side."""
+    return -(-(cols // 32) // (run_tiles(dense) * split))
+
+
 @functools.cache  # called on every launch: a dictionary lookup after the first
 def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> FixedConfig:
     """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows by ``cols`` columns, dense
@@ -733,9 +738,9 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs), and loading all 4 steps
     ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against 8.76 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
-    steps = -(-(cols // 32) // (run_tiles(dense) * (8 // blocks)))
-    return FixedConfig(PAD_ROWS * blocks, 8 // blocks, 8, True, 2 if dense or blocks == 1 else 1,
-                       dense and blocks == 1 and steps <= UNROLLED_STEPS)
+    split = 8 // blocks
+    return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1,
+                       dense and blocks == 1 and walk_steps(cols, dense, split) <= UNROLLED_STEPS)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
@@ -864,14 +869,13 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     run = run_tiles(dense)
-    steps = -(-(cols // 32) // (run * config.split))  # of a warp's column walk
     _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
-        PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1, STEPS=steps if config.unrolled else 0,
-        num_warps=config.warps, launch_pdl=pdl,
+        PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1,
+        STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, num_warps=config.warps, launch_pdl=pdl,
     )
     return y
 
