@@ -68,7 +68,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     steps = kernels.walk_steps(4096, dense, config.split)
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
-                 ONE_TOKEN=tokens == 1, STEPS=steps if config.unrolled else 0,
+                 ONE_TOKEN=tokens == 1, STEPS=steps if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
                  **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     ins = _sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16)
     body = _walk(ins, steps) if config.unrolled else _loop(ins)

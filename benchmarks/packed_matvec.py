@@ -182,13 +182,14 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
 
 
 def _config(module, batch: int) -> str:
-    """The fixed-position kernel's launch shape for ``batch`` tokens as ROWSxSPLITxWARPS, or "general"."""
+    """The fixed-position kernel's launch shape for ``batch`` tokens as ROWSxSPLITxWARPS[u][rN], or "general"."""
     from sparsemix.kernels import launch_config
 
     if not module.fixed_meta:
         return "general"
     config = launch_config(module.fixed_meta, batch)
-    return f"{config.rows}x{config.split}x{config.warps}{'u' if config.unrolled else ''}"
+    return (f"{config.rows}x{config.split}x{config.warps}{'u' if config.unrolled else ''}"
+            f"{f'r{config.programs_per_sm}' if config.programs_per_sm else ''}")
 
 
 def main() -> None:
@@ -198,10 +199,10 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4,5", help="average code bits")
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
-    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time ELEMENTSxSPLITxWARPS[p][aN][u] "
-                        "configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2u (dense; rows x split = 16 x warps) (p: "
-                        "programmatic dependent launch, aN: weights loaded N steps of the loop ahead, a alone 1, "
-                        "u: the column walk unrolled)")
+    parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time "
+                        "ELEMENTSxSPLITxWARPS[p][aN][u][rN] configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2u (dense; rows x "
+                        "split = 16 x warps) (p: programmatic dependent launch, aN: weights loaded N steps of the loop "
+                        "ahead, a alone 1, u: the column walk unrolled, rN: at most N programs to a multiprocessor)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
@@ -220,23 +221,23 @@ def main() -> None:
 
 
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
-    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each ELEMENTSxSPLITxWARPS[p][aN][u]
-    config (rows per program times column walks side by side, column walks, warps; p: launched with
-    programmatic dependent launch, aN: each step of the loop loads the weights of the step N on, u: the
-    column walk unrolled)."""
+    """The batch-1 case of a fixed-position (2:4 or dense) layer again under each
+    ELEMENTSxSPLITxWARPS[p][aN][u][rN] config (rows per program times column walks side by side, column walks,
+    warps; p: launched with programmatic dependent launch, aN: each step of the loop loads the weights of the
+    step N on, u: the column walk unrolled, rN: at most N programs to a multiprocessor)."""
     import re
 
     from sparsemix.kernels import PAD_ROWS, FixedConfig
 
     meta = built[0].fixed_meta
     for config in configs.split(","):
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?(u?)", config)
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?(u?)(r(\d+))?", config)
         if match is None:
-            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN][u], e.g. 128x8x8pa2u")
+            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN][u][rN], e.g. 128x8x8pa2ur2")
         elements, split, warps = (int(match[i]) for i in (1, 2, 3))
         ahead = 0 if match[5] is None else int(match[6] or 1)
         meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl=match[4] == "p", ahead=ahead,
-                                     unrolled=match[7] == "u")
+                                     unrolled=match[7] == "u", programs_per_sm=int(match[9] or 0))
         result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "tuned": config, **result}), flush=True)
     meta["config"] = None

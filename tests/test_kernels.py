@@ -99,7 +99,8 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         # tensor cores: warps = split * rows / 16
         for config in (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
                        FixedConfig(64, 1, 4, ahead=2), FixedConfig(16, 1, 1, ahead=2, unrolled=True),
-                       FixedConfig(32, 2, 4, ahead=1, unrolled=True)):
+                       FixedConfig(32, 2, 4, ahead=1, unrolled=True),
+                       FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2)):
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
@@ -160,13 +161,41 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
-    # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled
+    # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
+    # 2 steps too at batch 1, at most 2 programs to a multiprocessor
     assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
     assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(576, 1536, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
     assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(4096, 11008, False, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)
     assert fixed_config(11008, 4096, False, 132, 1) == FixedConfig(32, 4, 8, True, 1)
+
+
+def test_a_residency_cap_asks_each_launch_for_its_share_of_a_multiprocessors_shared_memory():
+    """Capping at 2 programs a multiprocessor makes every later launch ask for a third of its shared memory
+    and a byte (3 never fit, 2 do) and reloads the module; a kernel that asks for
+    more already, or an object that is not Triton 3's CompiledKernel, is left as it is."""
+    from collections import namedtuple
+
+    from sparsemix.kernels import _cap_residency
+
+    metadata = namedtuple("KernelMetadata", "num_warps num_ctas shared")
+
+    class Compiled:  # what a launch of Triton 3's CompiledKernel reads
+        def __init__(self, shared):
+            self.metadata, self.packed_metadata = metadata(8, 1, shared), (8, 1, shared)
+            self.module = self._run = "loaded"
+
+    capped, roomy = Compiled(1024), Compiled(100_000)
+    for kernel in (capped, roomy, object()):
+        _cap_residency(kernel, 2, 233_472)  # an H100's shared memory per multiprocessor
+    share = capped.packed_metadata[2]
+    assert capped.metadata.shared == share and 2 * (share + 1024) <= 233_472 < 3 * share
+    assert capped.module is None and capped._run is None
+    assert roomy.packed_metadata == (8, 1, 100_000) and roomy.module == "loaded"
 
 
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():

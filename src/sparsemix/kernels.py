@@ -670,12 +670,14 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
                   PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr,
-                  STEPS: tl.constexpr):
+                  STEPS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
-    as every program here has started, and this one waits for its predecessor only before reading x."""
+    as every program here has started, and this one waits for its predecessor only before reading x.
+    PROGRAMS_PER_SM only keys the compiled kernel: a capped launch shape gets a kernel of its own to cap
+    (``_cap_residency``)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -705,16 +707,20 @@ class FixedConfig:
     ahead holds a run's code words in registers), and whether the column walk is straight-line code
     (``unrolled``: one copy of the step per step of the walk, so each step's loads have registers of their
     own and the compiler issues x a step early; a loop carries its queued loads in registers that a copy
-    at its top waits for, so there each step waits on the loads it queued one step before)."""
+    at its top waits for, so there each step waits on the loads it queued one step before), and at most how
+    many programs may share a multiprocessor (``programs_per_sm``, 0: as many as registers allow; see
+    ``_cap_residency``)."""
     rows: int
     split: int
     warps: int
     pdl: bool = True
     ahead: int = 0
     unrolled: bool = False
+    programs_per_sm: int = 0
 
 
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
+SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block at batch 1, at most 2 to a multiprocessor
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -734,13 +740,19 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change the
     shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled:
     4096 x 4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16
-    (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks and 2:4 layers were as fast or
-    slower unrolled (registers: 2:4 4096 x 4096 at batch 16 17.5 against 13.9 µs), and loading all 4 steps
-    ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against 8.76 µs)."""
+    (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks were as fast or slower unrolled, and
+    loading all 4 steps ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against
+    8.76 µs). 2:4 programs of one block at batch 1 walk up to SPARSE_UNROLLED_STEPS steps unrolled, at most 2
+    programs to a multiprocessor (``programs_per_sm``): 4096 x 4096 at 4 bits 4.03-4.06 against 4.76-4.79 µs, 3
+    and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt);
+    unrolled alone 4.67, so the cap does it: registers let 4 in, and the trace had 4 of a call on some
+    multiprocessors while others ran none; at batch 16 unrolled 2:4 spends registers (17.5 against 13.9 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
+    steps = walk_steps(cols, dense, split)
+    short_sparse = not dense and blocks == 1 and batch == 1 and steps <= SPARSE_UNROLLED_STEPS
     return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1,
-                       dense and blocks == 1 and walk_steps(cols, dense, split) <= UNROLLED_STEPS)
+                       (dense and blocks == 1 and steps <= UNROLLED_STEPS) or short_sparse, 2 if short_sparse else 0)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
@@ -845,12 +857,14 @@ def fixed_meta(module) -> dict | None:
     codes = torch.cat(parts)
     assert codes.numel() < INT32_MAX and index.numel() < INT32_MAX, "offsets need int32"
     segment_rows = dict(zip(packed.widths, padded))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    sms = props.multi_processor_count if props else 132
+    shared_per_sm = 0 if props is None or _interpreted() else getattr(props, "shared_memory_per_multiprocessor", 0)
     pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
-            "sms": sms, "cols": cols,
+            "sms": sms, "cols": cols, "shared_per_sm": shared_per_sm,
             "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
@@ -869,15 +883,33 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     pdl = uses_pdl(meta, config)
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     run = run_tiles(dense)
-    _fixed_kernel[(programs,)](
+    kernel = _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
         PRESENT=meta["present"], DENSE=dense, GROUPED=group_size != cols, BLOCK_R=config.rows, SPLIT=config.split,
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
         PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1,
-        STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, num_warps=config.warps, launch_pdl=pdl,
+        STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
+        num_warps=config.warps, launch_pdl=pdl,
     )
+    if config.programs_per_sm and meta["shared_per_sm"]:  # from the next launch on
+        _cap_residency(kernel, config.programs_per_sm, meta["shared_per_sm"])
     return y
+
+
+def _cap_residency(kernel, programs_per_sm: int, shared_per_sm: int) -> None:
+    """Let at most ``programs_per_sm`` programs of the compiled ``kernel`` share a multiprocessor, by having each
+    launch ask for just over a 1 / (programs_per_sm + 1) share of its shared memory (``shared_per_sm`` bytes). Registers
+    alone let more in, and then the programs of one call crowd some multiprocessors while others idle.
+    Triton has no launch option for it: this changes the launch metadata of Triton 3's CompiledKernel and has
+    its module reloaded (where they are not there, nothing changes; the product never depends on it)."""
+    shared = shared_per_sm // (programs_per_sm + 1) + 1
+    metadata = getattr(kernel, "metadata", None)
+    if not hasattr(kernel, "packed_metadata") or not hasattr(metadata, "_replace") or metadata.shared >= shared:
+        return
+    kernel.metadata = metadata._replace(shared=shared)
+    kernel.packed_metadata = (metadata.num_warps, metadata.num_ctas, shared)
+    kernel.module = kernel._run = None  # the next launch loads it again, with the larger shared-memory limit
 
 
 def _realign(codes: torch.Tensor, segments: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
