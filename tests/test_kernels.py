@@ -162,12 +162,12 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
-    # 2 steps too at batch 1, at most 2 programs to a multiprocessor
+    # 2 steps too, at most 2 programs to a multiprocessor
     assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
     assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
     assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
     assert fixed_config(576, 1536, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
     assert fixed_config(4096, 11008, False, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)

@@ -720,7 +720,7 @@ class FixedConfig:
 
 
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
-SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block at batch 1, at most 2 to a multiprocessor
+SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block, at most 2 to a multiprocessor
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -742,15 +742,16 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     4096 x 4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16
     (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks were as fast or slower unrolled, and
     loading all 4 steps ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against
-    8.76 µs). 2:4 programs of one block at batch 1 walk up to SPARSE_UNROLLED_STEPS steps unrolled, at most 2
-    programs to a multiprocessor (``programs_per_sm``): 4096 x 4096 at 4 bits 4.03-4.06 against 4.76-4.79 µs, 3
-    and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt);
-    unrolled alone 4.67, so the cap does it: registers let 4 in, and the trace had 4 of a call on some
-    multiprocessors while others ran none; at batch 16 unrolled 2:4 spends registers (17.5 against 13.9 µs)."""
+    8.76 µs). 2:4 programs of one block walk up to SPARSE_UNROLLED_STEPS steps unrolled, at most 2 programs to a
+    multiprocessor (``programs_per_sm``): 4096 x 4096 at 4 bits 4.03-4.06 against 4.76-4.79 µs at batch 1, 4.73
+    against 5.83 at 2, 5.61 against 8.00 at 4, 7.77 against 12.09 at 8, 13.65 against 13.92 at 16; at batch 1
+    with 3 and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt).
+    Unrolled alone: 4.67 at batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a
+    call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     steps = walk_steps(cols, dense, split)
-    short_sparse = not dense and blocks == 1 and batch == 1 and steps <= SPARSE_UNROLLED_STEPS
+    short_sparse = not dense and blocks == 1 and steps <= SPARSE_UNROLLED_STEPS
     return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1,
                        (dense and blocks == 1 and steps <= UNROLLED_STEPS) or short_sparse, 2 if short_sparse else 0)
 
