@@ -200,9 +200,10 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.5,2:4,0", help="0.5: unstructured with bitmask; 2:4; 0: dense")
     parser.add_argument("--batch", default="1,4,16")
     parser.add_argument("--tune", default="", help="2:4 and dense at batch 1: also time "
-                        "ELEMENTSxSPLITxWARPS[p][aN][u][rN] configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2u (dense; rows x "
-                        "split = 16 x warps) (p: programmatic dependent launch, aN: weights loaded N steps of the loop "
-                        "ahead, a alone 1, u: the column walk unrolled, rN: at most N programs to a multiprocessor)")
+                        "ELEMENTSxSPLITxWARPS[p][aN][u][rN] configs, e.g. 1024x64x16p (2:4) or 128x8x8pa2u (dense; "
+                        "rows x split = 16 x warps) (p: programmatic dependent launch, aN: weights loaded N steps of "
+                        "the loop ahead, a alone 1, u: the column walk unrolled, rN: at most N programs to a "
+                        "multiprocessor)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/packed_matvec.py needs a CUDA GPU (the kernel is tested on the CPU by pytest)")
