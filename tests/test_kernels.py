@@ -149,8 +149,8 @@ def test_chained_layers_read_their_input_only_after_the_previous_layer_wrote_it(
 
 def test_launch_shapes_fill_their_programs_exactly():
     """A warp per 16 rows and column walk; all programs in one wave (at most 2 of 16 rows or 3 of 32 per
-    multiprocessor, by registers); 2:4 programs of 32 rows load 1 step ahead (2 would leave 2 per
-    multiprocessor)."""
+    multiprocessor, by registers, or by the cap where there is one); 2:4 programs of 32 rows load 1 step ahead
+    (2 would leave 2 per multiprocessor)."""
     pytest.importorskip("triton")
     from sparsemix.kernels import PAD_ROWS, FixedConfig, fixed_config
 
@@ -161,6 +161,7 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
+                assert not config.programs_per_sm or -(-rows // config.rows) <= config.programs_per_sm * 132  # one wave
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
     # 2 steps too, at most 2 programs to a multiprocessor
     assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
