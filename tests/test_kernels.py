@@ -97,10 +97,10 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         reference = x.float() @ dequantise(packed).float().T
         packed_matmul(x.to(device), module)
         # tensor cores: warps = split * rows / 16
+        capped = (FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2),) if device == "cuda" else ()
         for config in (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
                        FixedConfig(64, 1, 4, ahead=2), FixedConfig(16, 1, 1, ahead=2, unrolled=True),
-                       FixedConfig(32, 2, 4, ahead=1, unrolled=True),
-                       FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2)):
+                       FixedConfig(32, 2, 4, ahead=1, unrolled=True), *capped):  # the cap only exists on a GPU
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
