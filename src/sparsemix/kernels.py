@@ -750,10 +750,9 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
-    steps = walk_steps(cols, dense, split)
-    short_sparse = not dense and blocks == 1 and steps <= SPARSE_UNROLLED_STEPS
-    return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1,
-                       (dense and blocks == 1 and steps <= UNROLLED_STEPS) or short_sparse, 2 if short_sparse else 0)
+    unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
+    return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled,
+                       2 if unrolled and not dense else 0)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
@@ -793,9 +792,9 @@ def fixed_meta(module) -> dict | None:
     packed = module.packed()
     rows, cols, group_size = packed.rows, packed.cols, packed.group_size
     device = module.codes.device
-    if cols % 32 or (group_size != cols and group_size % 32):
-        return None
-    if device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] < 8:
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    compiled = props is not None and not _interpreted()  # a GPU launch, not Triton's interpreter
+    if cols % 32 or (group_size != cols and group_size % 32) or (compiled and props.major < 8):
         return None
     assert list(packed.widths) == sorted(packed.widths), "segments come in ascending width (the file's order)"
     if not set(packed.widths) <= set(WIDTHS):
@@ -858,10 +857,9 @@ def fixed_meta(module) -> dict | None:
     codes = torch.cat(parts)
     assert codes.numel() < INT32_MAX and index.numel() < INT32_MAX, "offsets need int32"
     segment_rows = dict(zip(packed.widths, padded))
-    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     sms = props.multi_processor_count if props else 132
-    shared_per_sm = 0 if props is None or _interpreted() else getattr(props, "shared_memory_per_multiprocessor", 0)
-    pdl = device.type == "cuda" and not _interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
+    shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) if compiled else 0
+    pdl = compiled and props.major >= 9
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
@@ -899,9 +897,10 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
 
 
 def _cap_residency(kernel, programs_per_sm: int, shared_per_sm: int) -> None:
-    """Let at most ``programs_per_sm`` programs of the compiled ``kernel`` share a multiprocessor, by having each
-    launch ask for just over a 1 / (programs_per_sm + 1) share of its shared memory (``shared_per_sm`` bytes). Registers
-    alone let more in, and then the programs of one call crowd some multiprocessors while others idle.
+    """Let at most ``programs_per_sm`` programs of the compiled ``kernel`` share a multiprocessor, by having
+    each launch ask for just over a 1 / (programs_per_sm + 1) share of its shared memory (``shared_per_sm``
+    bytes). Registers alone let more in, and then the programs of one call crowd some multiprocessors while
+    others idle.
     Triton has no launch option for it: this changes the launch metadata of Triton 3's CompiledKernel and has
     its module reloaded (where they are not there, nothing changes; the product never depends on it)."""
     shared = shared_per_sm // (programs_per_sm + 1) + 1
@@ -1000,7 +999,7 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
     Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (at batch 1,
-    4 bits, weights from DRAM on an H100: 4.7-10.8 µs, 3.3-4.5x fp16, on 4096 x 4096, 4096 x 11008 and
+    4 bits, weights from DRAM on an H100: 4.0-10.7 µs, 3.3-4.6x fp16, on 4096 x 4096, 4096 x 11008 and
     11008 x 4096 layers); the rest the general kernel, once per token for 2 to ROW_BY_ROW tokens
     (faster than its tl.dot path there), else once for the batch."""
     header = module.header
