@@ -81,17 +81,19 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
     """Rows per program, column walks side by side, warps and loading ahead change which program and
     thread take a (row, tile) pair and when, never the product: ragged splits, programs spanning
     segments, batches of one and of two passes (2:4) or mma token blocks (dense). An unrolled walk sums in the
-    loop's order, so it gives the loop's product bit for bit."""
+    loop's order, so it gives the loop's product bit for bit, also where it decodes its weights before the wait."""
     pytest.importorskip("triton")
     from sparsemix.kernels import FixedConfig, packed_matmul
     from sparsemix.packed import PackedLinear
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
-    for cols, sparsity, batch in ((320, "2:4", 1), (160, 0.0, 6), (160, 0.5, 11)):  # 5 tiles each
+    # 5 tiles each; 2:4 at one token also with a grid per 64 columns (unrolled 2-step walks decode before the wait)
+    for cols, sparsity, batch, group in ((320, "2:4", 1, 320), (320, "2:4", 1, 64), (160, 0.0, 6, 160),
+                                         (160, 0.5, 11, 160)):
         bits = torch.tensor((2, 4, 6))[torch.randint(0, 3, (40,), generator=gen)]
         two_four = sparsity == "2:4"
-        packed = random_packed(bits, cols, 0.5 if two_four else sparsity, cols, gen, two_four=two_four)
+        packed = random_packed(bits, cols, 0.5 if two_four else sparsity, group, gen, two_four=two_four)
         module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
         x = torch.randn(batch, cols, generator=gen).half()
         reference = x.float() @ dequantise(packed).float().T

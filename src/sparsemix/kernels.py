@@ -470,6 +470,29 @@ def _mma_weights(words, zz, s, exponent, grp: tl.constexpr, W: tl.constexpr, GRO
     return _less(v, zz, USE_ASM)
 
 
+def _pinned_asm(n: int) -> tuple[str, str]:
+    """PTX and constraints of ``_pinned`` for n words: a performance-monitor trigger of no event, then the words
+    passed through."""
+    moves = " ".join(f"mov.b32 ${i}, ${n + i};" for i in range(n))
+    return "{ pmevent.mask 0; " + moves + " }", ",".join(["=r"] * n + ["r"] * n)
+
+
+PINNED_PTX = tl.constexpr(tuple(_pinned_asm(n)[0] for n in range(33)))
+PINNED_CONSTRAINTS = tl.constexpr(tuple(_pinned_asm(n)[1] for n in range(33)))
+
+
+@triton.jit
+def _pinned(words, USE_ASM: tl.constexpr):
+    """``words`` (a tuple of at most 32 int32 tensors) unchanged, after an instruction that ptxas moves nothing
+    across (``pmevent``; ``nanosleep`` or a bare ``griddepcontrol.wait`` still let it sink arithmetic below), so
+    that what computed them runs above it."""
+    if USE_ASM:
+        n: tl.constexpr = len(words)
+        return tl.inline_asm_elementwise(PINNED_PTX[n], PINNED_CONSTRAINTS[n], words, dtype=(tl.int32,) * n,
+                                         is_pure=False, pack=1)
+    return words
+
+
 @triton.jit
 def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
            RUN: tl.constexpr, USE_ASM: tl.constexpr):
@@ -495,54 +518,26 @@ def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.c
 
 
 @triton.jit
-def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constexpr, SPARSE: tl.constexpr,
-              GROUPED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
-              AHEAD: tl.constexpr, RUN: tl.constexpr, USE_ASM: tl.constexpr):
-    """One step of a warp's column walk (``_mma_block``), from tile ``first`` of the block: queue the weights of the
-    step AHEAD on, take the oldest of ``pending`` (or load them now when AHEAD is 0), load x and add the run's
-    products to ``accs``; returns the new (pending, accs). The other arguments are ``_mma_block``'s, as tuples."""
+def _fragment(grid, words, first, m: tl.constexpr, pointers, lanes, grids, P, GROUP_SIZE, n_tiles, W: tl.constexpr,
+              SPARSE: tl.constexpr, GROUPED: tl.constexpr, IN_PLACE: tl.constexpr, RUN: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    """A lane's A fragment (a0, a1, a2, a3) for mma ``m`` of the step from tile ``first`` (2:4: mma.sp m on tile
+    first + RUN side + m), from the step's ``grid`` and code ``words`` (``_mma_load``); nothing here reads x."""
     x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr = pointers
     top, lane, side, quad, inside, runs_before, meta_offset = lanes
-    word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE = sizes
     zz_top, s_top, zz_bottom, s_bottom, exponent = grids
-    STRIDE: tl.constexpr = RUN * SPLIT
-    tile = first + side * RUN + quad  # dense: the lane's tile
-    run = runs_before + first // RUN + side
-    if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
-        grid, words, meta = pending[0]
-        later = first + AHEAD * STRIDE + side * RUN
-        queued = ()
-        for d in tl.static_range(1, AHEAD):
-            queued = queued + (pending[d],)
-        pending = queued + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane,
-                                      run + AHEAD * SPLIT, run + AHEAD * SPLIT + meta_offset,
-                                      inside & (later < n_tiles), later + quad, n_tiles, P, GROUP_SIZE, W, SPARSE,
-                                      GROUPED, RUN, USE_ASM),)
-    else:
-        grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
-                                      run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P,
-                                      GROUP_SIZE, W, SPARSE, GROUPED, RUN, USE_ASM)
-    xs = _mma_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, SPARSE, RUN, USE_ASM)
     if SPARSE:
-        for m in tl.static_range(RUN):  # mma.sp m: tile first + RUN side + m
-            if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
-                g = ((first + side * RUN + m) * 32) // GROUP_SIZE
-                real = inside & (first + side * RUN + m < n_tiles)
-                zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
-                s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
-                zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
-                s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
-            a0 = _mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, IN_PLACE, USE_ASM)
-            a1 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, IN_PLACE, USE_ASM)
-            a2 = _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, IN_PLACE, USE_ASM)
-            a3 = _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, IN_PLACE, USE_ASM)
-            updated = ()
-            for nb in tl.static_range(NB):
-                c0, c1, c2, c3 = accs[nb]
-                x = xs[nb]
-                updated = updated + (_mma_sp(a0, a1, a2, a3, x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3],
-                                             c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
-            accs = updated
+        if GROUPED:  # group size a multiple of 32: one group per tile (a spare tile's: zeros)
+            g = ((first + side * RUN + m) * 32) // GROUP_SIZE
+            real = inside & (first + side * RUN + m < n_tiles)
+            zz_top = tl.load(zz_ptr + g * P + top, mask=real, other=0)
+            s_top = tl.load(scale_ptr + g * P + top, mask=real, other=0)
+            zz_bottom = tl.load(zz_ptr + g * P + top + 8, mask=real, other=0)
+            s_bottom = tl.load(scale_ptr + g * P + top + 8, mask=real, other=0)
+        fragment = (_mma_weights(words, zz_top, s_top, exponent, 4 * m, W, GROUPED, IN_PLACE, USE_ASM),
+                    _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 1, W, GROUPED, IN_PLACE, USE_ASM),
+                    _mma_weights(words, zz_top, s_top, exponent, 4 * m + 2, W, GROUPED, IN_PLACE, USE_ASM),
+                    _mma_weights(words, zz_bottom, s_bottom, exponent, 4 * m + 3, W, GROUPED, IN_PLACE, USE_ASM))
     else:
         if GROUPED:
             zz_top, s_top, zz_bottom, s_bottom = grid
@@ -550,16 +545,61 @@ def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constex
         for h in tl.static_range(W):
             upper = upper + (words[h],)
             lower = lower + (words[W + h],)
-        for m in tl.static_range(8):
-            a0 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, False, USE_ASM)
-            a1 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, False, USE_ASM)
-            a2 = _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
-            a3 = _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM)
-            updated = ()
-            for nb in tl.static_range(NB):
-                c0, c1, c2, c3 = accs[nb]
-                updated = updated + (_mma(a0, a1, a2, a3, xs[nb][2 * m], xs[nb][2 * m + 1], c0, c1, c2, c3, USE_ASM),)
-            accs = updated
+        fragment = (_mma_weights(upper, zz_top, s_top, exponent, 2 * m, W, GROUPED, False, USE_ASM),
+                    _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m, W, GROUPED, False, USE_ASM),
+                    _mma_weights(upper, zz_top, s_top, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM),
+                    _mma_weights(lower, zz_bottom, s_bottom, exponent, 2 * m + 1, W, GROUPED, False, USE_ASM))
+    return fragment
+
+
+@triton.jit
+def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constexpr, SPARSE: tl.constexpr,
+              GROUPED: tl.constexpr, IN_PLACE: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
+              AHEAD: tl.constexpr, RUN: tl.constexpr, USE_ASM: tl.constexpr, DECODED: tl.constexpr):
+    """One step of a warp's column walk (``_mma_block``), from tile ``first`` of the block: queue the weights of the
+    step AHEAD on, take the oldest of ``pending`` (or load them now when AHEAD is 0), load x and add the run's
+    products to ``accs``; returns the new (pending, accs). DECODED: ``pending`` holds every remaining step's
+    A fragments in place of its words (``_fragment``'s a0..a3 of each mma in turn), and nothing is queued. The other arguments are
+    ``_mma_block``'s, as tuples."""
+    x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr = pointers
+    top, lane, side, quad, inside, runs_before, meta_offset = lanes
+    word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE = sizes
+    STRIDE: tl.constexpr = RUN * SPLIT
+    tile = first + side * RUN + quad  # dense: the lane's tile
+    run = runs_before + first // RUN + side
+    if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
+        grid, words, meta = pending[0]
+        later = first + AHEAD * STRIDE + side * RUN
+        queued = ()
+        for d in tl.static_range(1, len(pending)):
+            queued = queued + (pending[d],)
+        pending = queued
+        if not DECODED:
+            pending = pending + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane,
+                                           run + AHEAD * SPLIT, run + AHEAD * SPLIT + meta_offset,
+                                           inside & (later < n_tiles), later + quad, n_tiles, P, GROUP_SIZE, W, SPARSE,
+                                           GROUPED, RUN, USE_ASM),)
+    else:
+        grid, words, meta = _mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run,
+                                      run + meta_offset, inside & (first + side * RUN < n_tiles), tile, n_tiles, P,
+                                      GROUP_SIZE, W, SPARSE, GROUPED, RUN, USE_ASM)
+    xs = _mma_x(x_ptr, first + side * RUN, n_tiles, lane, B, X_STRIDE, NB, EVEN, SPARSE, RUN, USE_ASM)
+    for m in tl.static_range(RUN if SPARSE else 8):
+        if DECODED:
+            a0, a1, a2, a3 = words[4 * m], words[4 * m + 1], words[4 * m + 2], words[4 * m + 3]
+        else:
+            a0, a1, a2, a3 = _fragment(grid, words, first, m, pointers, lanes, grids, P, GROUP_SIZE, n_tiles, W, SPARSE,
+                                       GROUPED, IN_PLACE, RUN, USE_ASM)
+        updated = ()
+        for nb in tl.static_range(NB):
+            c0, c1, c2, c3 = accs[nb]
+            x = xs[nb]
+            if SPARSE:
+                updated = updated + (_mma_sp(a0, a1, a2, a3, x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3],
+                                             c0, c1, c2, c3, meta[m // 2], m % 2, USE_ASM),)
+            else:
+                updated = updated + (_mma(a0, a1, a2, a3, x[2 * m], x[2 * m + 1], c0, c1, c2, c3, USE_ASM),)
+        accs = updated
     return pending, accs
 
 
@@ -623,19 +663,33 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         pending = pending + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, run + meta_offset,
                                        inside & (d * STRIDE + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE, W, SPARSE,
                                        GROUPED, RUN, USE_ASM),)
-    if PDL:  # weights above, x below
-        tl.extra.cuda.gdc_wait()
     pointers = (x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr)
     lanes = (top, lane, side, quad, inside, runs_before, meta_offset)
     sizes, grids = (word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE), (zz_top, s_top, zz_bottom, s_bottom, exponent)
+    # one token, 2:4, a walk of 2 steps or more whose weights all load above: decode them there too, so that the
+    # wait leaves only x and the mma.sp (4096 x 4096 at 3 bits 3.68-3.72 against 4.13-4.17 µs, 4 and 5 bits as
+    # fast or 1% faster; slower at 4 and 16 tokens and on 1-step walks: benchmarks/results-h100-matvec34-decode.txt)
+    DECODED: tl.constexpr = SPARSE and ONE_TOKEN and STEPS >= 2 and AHEAD >= STEPS
+    if DECODED:
+        decoded = ()
+        for d in tl.static_range(STEPS):
+            grid, words, meta = pending[d]
+            fragments = ()  # a0..a3 of each mma.sp in turn
+            for m in tl.static_range(RUN):
+                fragments = fragments + _fragment(grid, words, d * STRIDE, m, pointers, lanes, grids, P, GROUP_SIZE,
+                                                  n_tiles, W, SPARSE, GROUPED, IN_PLACE, RUN, USE_ASM)
+            decoded = decoded + ((grid, _pinned(fragments, USE_ASM), meta),)
+        pending = decoded
+    if PDL:  # weights above, x below
+        tl.extra.cuda.gdc_wait()
     if STEPS > 0:  # straight line: each step's loads get registers of their own (see FixedConfig.unrolled)
         for k in tl.static_range(STEPS):
             pending, accs = _mma_step(pending, accs, k * STRIDE, pointers, lanes, sizes, grids, W, SPARSE, GROUPED,
-                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM)
+                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM, DECODED)
     else:
         for first in range(0, n_tiles, STRIDE):
             pending, accs = _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W, SPARSE, GROUPED,
-                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM)
+                                      IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM, False)
     for half in tl.static_range(2):  # rows top, top + 8
         target = targets[half]
         for nb in tl.static_range(NB):
