@@ -559,8 +559,8 @@ def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constex
     """One step of a warp's column walk (``_mma_block``), from tile ``first`` of the block: queue the weights of the
     step AHEAD on, take the oldest of ``pending`` (or load them now when AHEAD is 0), load x and add the run's
     products to ``accs``; returns the new (pending, accs). DECODED: ``pending`` holds every remaining step's
-    A fragments in place of its words (``_fragment``'s a0..a3 of each mma in turn), and nothing is queued. The other arguments are
-    ``_mma_block``'s, as tuples."""
+    A fragments in place of its words (``_fragment``'s a0..a3 of each mma in turn), and nothing is queued. The
+    other arguments are ``_mma_block``'s, as tuples."""
     x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr = pointers
     top, lane, side, quad, inside, runs_before, meta_offset = lanes
     word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE = sizes
@@ -569,12 +569,12 @@ def _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W: tl.constex
     run = runs_before + first // RUN + side
     if AHEAD > 0:  # take the oldest loads, queue the step AHEAD on
         grid, words, meta = pending[0]
-        later = first + AHEAD * STRIDE + side * RUN
         queued = ()
         for d in tl.static_range(1, len(pending)):
             queued = queued + (pending[d],)
         pending = queued
         if not DECODED:
+            later = first + AHEAD * STRIDE + side * RUN
             pending = pending + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane,
                                            run + AHEAD * SPLIT, run + AHEAD * SPLIT + meta_offset,
                                            inside & (later < n_tiles), later + quad, n_tiles, P, GROUP_SIZE, W, SPARSE,
