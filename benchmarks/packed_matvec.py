@@ -182,14 +182,15 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
 
 
 def _config(module, batch: int) -> str:
-    """The fixed-position kernel's launch shape for ``batch`` tokens as ROWSxSPLITxWARPS[u][rN], or "general"."""
+    """The fixed-position kernel's launch shape for ``batch`` tokens as ROWSxSPLITxWARPS[u][rN][fN], or "general"."""
     from sparsemix.kernels import launch_config
 
     if not module.fixed_meta:
         return "general"
     config = launch_config(module.fixed_meta, batch)
     return (f"{config.rows}x{config.split}x{config.warps}{'u' if config.unrolled else ''}"
-            f"{f'r{config.programs_per_sm}' if config.programs_per_sm else ''}")
+            f"{f'r{config.programs_per_sm}' if config.programs_per_sm else ''}"
+            f"{f'f{config.prefetchers}' if config.prefetchers else ''}")
 
 
 def main() -> None:
@@ -223,22 +224,24 @@ def main() -> None:
 
 def tune(built, mean_bits: float, sparsity: str, configs: str, peak, copy_bw, name: str) -> None:
     """The batch-1 case of a fixed-position (2:4 or dense) layer again under each
-    ELEMENTSxSPLITxWARPS[p][aN][u][rN] config (rows per program times column walks side by side, column walks,
+    ELEMENTSxSPLITxWARPS[p][aN][u][rN][fN] config (rows per program times column walks side by side, column walks,
     warps; p: launched with programmatic dependent launch, aN: each step of the loop loads the weights of the
-    step N on, u: the column walk unrolled, rN: at most N programs to a multiprocessor)."""
+    step N on, u: the column walk unrolled, rN: at most N programs to a multiprocessor, fN: the first N programs
+    ask the L2 for the call's weights)."""
     import re
 
     from sparsemix.kernels import PAD_ROWS, FixedConfig
 
     meta = built[0].fixed_meta
     for config in configs.split(","):
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?(u?)(r(\d+))?", config)
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(p?)(a(\d*))?(u?)(r(\d+))?(f(\d+))?", config)
         if match is None:
-            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN][u][rN], e.g. 128x8x8pa2ur2")
+            raise SystemExit(f"--tune: {config!r} is not ELEMENTSxSPLITxWARPS[p][aN][u][rN][fN], e.g. 16x8x8pa2ur2f32")
         elements, split, warps = (int(match[i]) for i in (1, 2, 3))
         ahead = 0 if match[5] is None else int(match[6] or 1)
         meta["config"] = FixedConfig(max(elements // split, PAD_ROWS), split, warps, pdl=match[4] == "p", ahead=ahead,
-                                     unrolled=match[7] == "u", programs_per_sm=int(match[9] or 0))
+                                     unrolled=match[7] == "u", programs_per_sm=int(match[9] or 0),
+                                     prefetchers=int(match[11] or 0))
         result = case(*built, mean_bits, sparsity, 1, peak, copy_bw)
         print(json.dumps({"gpu": name, "tuned": config, **result}), flush=True)
     meta["config"] = None

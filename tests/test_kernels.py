@@ -99,10 +99,12 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         reference = x.float() @ dequantise(packed).float().T
         packed_matmul(x.to(device), module)
         # tensor cores: warps = split * rows / 16
-        capped = (FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2),) if device == "cuda" else ()
+        # the cap and the L2 prefetches only exist on a GPU
+        gpu_only = (FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2),
+                    FixedConfig(16, 1, 1, ahead=2, unrolled=True, prefetchers=2)) if device == "cuda" else ()
         for config in (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
                        FixedConfig(64, 1, 4, ahead=2), FixedConfig(16, 1, 1, ahead=2, unrolled=True),
-                       FixedConfig(32, 2, 4, ahead=1, unrolled=True), *capped):  # the cap only exists on a GPU
+                       FixedConfig(32, 2, 4, ahead=1, unrolled=True), *gpu_only):
             module.fixed_meta["config"] = config
             y = packed_matmul(x.to(device), module).float().cpu()
             assert float((y - reference).abs().max()) <= 2e-3 * float(reference.abs().max()), (cols, config)
@@ -165,12 +167,13 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
                 assert not config.programs_per_sm or -(-rows // config.rows) <= config.programs_per_sm * 132  # one wave
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
-    # 2 steps too, at most 2 programs to a multiprocessor
-    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    # 2 steps too, at most 2 programs to a multiprocessor; unrolled layers of more programs than multiprocessors
+    # have 32 of them ask the L2 for the call's weights
+    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True, prefetchers=32)
     assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
-    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, 2, prefetchers=32)
     assert fixed_config(576, 1536, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, 2, prefetchers=32)
     assert fixed_config(4096, 11008, False, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)

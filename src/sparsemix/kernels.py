@@ -493,6 +493,27 @@ def _pinned(words, USE_ASM: tl.constexpr):
     return words
 
 
+PREFETCH_THREADS = tl.constexpr(8)  # threads of a prefetching program that each ask the L2 for a slice (not all 256)
+
+
+@triton.jit
+def _prefetch_l2(ptr, nbytes, part, PARTS: tl.constexpr, N: tl.constexpr, USE_ASM: tl.constexpr):
+    """Ask the L2 for slice ``part`` of PARTS of the ``nbytes`` bytes from ``ptr`` (16-byte aligned), without
+    waiting for it: one bulk prefetch (sm_90) from each of PREFETCH_THREADS of the program's N threads, in 16-byte
+    multiples, nothing past the end."""
+    if USE_ASM:
+        THREADS: tl.constexpr = PREFETCH_THREADS
+        e = tl.arange(0, N)
+        chunk = tl.cdiv(tl.cdiv(nbytes, PARTS * THREADS), 16) * 16
+        start = (part * THREADS + e // (N // THREADS)).to(tl.int64) * chunk
+        size = tl.minimum(tl.maximum(nbytes - start, 0), chunk) & -16
+        size = tl.where(e % (N // THREADS) == 0, size, 0).to(tl.int32)
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+                                  "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }", "=r,l,r",
+                                  [ptr.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+
 @triton.jit
 def _mma_x(x_ptr, tile, n_tiles, lane, B, X_STRIDE, NB: tl.constexpr, EVEN: tl.constexpr, SPARSE: tl.constexpr,
            RUN: tl.constexpr, USE_ASM: tl.constexpr):
@@ -724,17 +745,25 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   PRESENT: tl.constexpr, DENSE: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr,
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
                   PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr,
-                  STEPS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
+                  STEPS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, CODE_BYTES, INDEX_BYTES,
+                  PREFETCHERS: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
     as every program here has started, and this one waits for its predecessor only before reading x.
     PROGRAMS_PER_SM only keys the compiled kernel: a capped launch shape gets a kernel of its own to cap
-    (``_cap_residency``)."""
+    (``_cap_residency``). The first PREFETCHERS programs ask the L2 for all CODE_BYTES of code words (and the
+    INDEX_BYTES of 2:4 metadata) at entry, so that the weights of the programs that start late are on their way
+    before those start."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
+    if PREFETCHERS > 0:  # the first programs to start ask the L2 for the whole call's weights
+        if pid < PREFETCHERS:
+            _prefetch_l2(codes_ptr, CODE_BYTES, pid, PREFETCHERS, 32 * (BLOCK_R // 16) * SPLIT, USE_ASM)
+            if not DENSE:
+                _prefetch_l2(index_ptr, INDEX_BYTES, pid, PREFETCHERS, 32 * (BLOCK_R // 16) * SPLIT, USE_ASM)
     first, seg_row0, word_base = 0, 0, 0  # the segment's first program, padded row and code word
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
@@ -763,7 +792,8 @@ class FixedConfig:
     own and the compiler issues x a step early; a loop carries its queued loads in registers that a copy
     at its top waits for, so there each step waits on the loads it queued one step before), and at most how
     many programs may share a multiprocessor (``programs_per_sm``, 0: as many as registers allow; see
-    ``_cap_residency``)."""
+    ``_cap_residency``), and how many of the first programs ask the L2 for the whole call's weights at entry
+    (``prefetchers``, 0: none)."""
     rows: int
     split: int
     warps: int
@@ -771,10 +801,12 @@ class FixedConfig:
     ahead: int = 0
     unrolled: bool = False
     programs_per_sm: int = 0
+    prefetchers: int = 0
 
 
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
 SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block, at most 2 to a multiprocessor
+PREFETCHERS = 32  # programs that ask the L2 for all of a call's weights, where its unrolled programs overflow a wave
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -801,12 +833,17 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     against 5.83 at 2, 5.61 against 8.00 at 4, 7.77 against 12.09 at 8, 13.65 against 13.92 at 16; at batch 1
     with 3 and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt).
     Unrolled alone: 4.67 at batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a
-    call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16."""
+    call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16.
+    Unrolled layers of more programs than multiprocessors (4096 x 4096) have PREFETCHERS programs ask the L2 for
+    all the call's weights at entry: at 4 bits, batch 1, dense 4.35-4.43 against 4.59-4.67 µs, 2:4 3.78 against
+    3.99 (H100, benchmarks/results-h100-matvec35-prefetch.txt); 8 programs or all, or every thread of a program
+    asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096 (14.2 against 10.8 µs)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
+    prefetchers = PREFETCHERS if unrolled and -(-rows // PAD_ROWS) > sms else 0
     return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled,
-                       2 if unrolled and not dense else 0)
+                       2 if unrolled and not dense else 0, prefetchers)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
@@ -943,6 +980,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
         PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1,
         STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
+        CODE_BYTES=meta["codes"].numel() * 4, INDEX_BYTES=meta["index"].numel() * 4, PREFETCHERS=config.prefetchers,
         num_warps=config.warps, launch_pdl=pdl,
     )
     if config.programs_per_sm and meta["shared_per_sm"]:  # from the next launch on
