@@ -167,13 +167,14 @@ def test_launch_shapes_fill_their_programs_exactly():
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
                 assert not config.programs_per_sm or -(-rows // config.rows) <= config.programs_per_sm * 132  # one wave
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
-    # 2 steps too, at most 2 programs to a multiprocessor; unrolled layers of more programs than multiprocessors
-    # have 32 of them ask the L2 for the call's weights
+    # 2 steps too, at most 2 programs to a multiprocessor; dense unrolled layers of more programs than multiprocessors
+    # have 32 of them ask the L2 for the call's weights, up to 8 tokens
     assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True, prefetchers=32)
     assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
-    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, 2, prefetchers=32)
+    assert fixed_config(4096, 4096, True, 132, 16) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
     assert fixed_config(576, 1536, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, 2, prefetchers=32)
+    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
     assert fixed_config(4096, 11008, False, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)

@@ -806,7 +806,7 @@ class FixedConfig:
 
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
 SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block, at most 2 to a multiprocessor
-PREFETCHERS = 32  # programs that ask the L2 for all of a call's weights, where its unrolled programs overflow a wave
+PREFETCHERS = 32  # programs asking the L2 for a call's weights, where its dense unrolled programs overflow a wave
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -834,14 +834,17 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     with 3 and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt).
     Unrolled alone: 4.67 at batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a
     call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16.
-    Unrolled layers of more programs than multiprocessors (4096 x 4096) have PREFETCHERS programs ask the L2 for
-    all the call's weights at entry: at 4 bits, batch 1, dense 4.35-4.43 against 4.59-4.67 µs, 2:4 3.78 against
-    3.99 (H100, benchmarks/results-h100-matvec35-prefetch.txt); 8 programs or all, or every thread of a program
-    asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096 (14.2 against 10.8 µs)."""
+    Dense unrolled layers of more programs than multiprocessors (4096 x 4096) have PREFETCHERS programs ask the
+    L2 for all the call's weights at entry, up to 8 tokens: 4096 x 4096 at batch 1 and 4 bits 4.35-4.46 against
+    4.57-4.68 µs, 3 bits 4.22 against 4.45, 5 bits 5.04 against 5.15, batch 4 5.77 against 5.98 (H100,
+    benchmarks/results-h100-matvec35-prefetch.txt). Not elsewhere: at 16 tokens 9.00 against 8.70; 2:4 gained
+    2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
+    or every thread of a program asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096
+    (14.2 against 10.8 µs, every thread asking)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
-    prefetchers = PREFETCHERS if unrolled and -(-rows // PAD_ROWS) > sms else 0
+    prefetchers = PREFETCHERS if dense and unrolled and -(-rows // PAD_ROWS) > sms and batch <= MMA_TOKENS else 0
     return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled,
                        2 if unrolled and not dense else 0, prefetchers)
 
