@@ -835,8 +835,9 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     Unrolled alone: 4.67 at batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a
     call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16.
     Dense unrolled layers of more programs than multiprocessors (4096 x 4096) have PREFETCHERS programs ask the
-    L2 for all the call's weights at entry, up to 8 tokens: 4096 x 4096 at batch 1 and 4 bits 4.35-4.46 against
-    4.57-4.68 µs, 3 bits 4.22 against 4.45, 5 bits 5.04 against 5.15, batch 4 5.77 against 5.98 (H100,
+    L2 for all the call's weights at entry, up to 8 tokens: 4096 x 4096 at batch 1 and 4 bits 4.35-4.49 against
+    4.57-4.68 µs (50% unstructured 4.49-4.67 against 4.79-4.85), 3 bits 4.22 against 4.45, 5 bits 5.04 against
+    5.15, batch 4 5.77 against 5.98, batch 8 6.61 against 6.77 (H100,
     benchmarks/results-h100-matvec35-prefetch.txt). Not elsewhere: at 16 tokens 9.00 against 8.70; 2:4 gained
     2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
     or every thread of a program asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096
