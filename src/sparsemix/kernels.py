@@ -954,12 +954,13 @@ def fixed_meta(module) -> dict | None:
     segment_rows = dict(zip(packed.widths, padded))
     sms = props.multi_processor_count if props else 132
     shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) if compiled else 0
-    pdl = compiled and props.major >= 9
+    hopper = compiled and props.major >= 9  # programmatic dependent launch and bulk L2 prefetches (sm_90 on)
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
             "sms": sms, "cols": cols, "shared_per_sm": shared_per_sm,
-            "pdl": pdl,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
+            "pdl": hopper,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
+            "prefetch": hopper,  # prefetch: the GPU has bulk L2 prefetches (``FixedConfig.prefetchers``)
             "config": None}  # config: a FixedConfig overriding fixed_config (benchmark sweeps)
 
 
@@ -984,7 +985,8 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
         PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1,
         STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
-        CODE_BYTES=meta["codes"].numel() * 4, INDEX_BYTES=meta["index"].numel() * 4, PREFETCHERS=config.prefetchers,
+        CODE_BYTES=meta["codes"].numel() * 4, INDEX_BYTES=meta["index"].numel() * 4,
+        PREFETCHERS=config.prefetchers if meta["prefetch"] else 0,
         num_warps=config.warps, launch_pdl=pdl,
     )
     if config.programs_per_sm and meta["shared_per_sm"]:  # from the next launch on
