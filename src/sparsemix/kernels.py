@@ -761,9 +761,10 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
     pid = tl.program_id(0)
     if PREFETCHERS > 0:  # the first programs to start ask the L2 for the whole call's weights
         if pid < PREFETCHERS:
-            _prefetch_l2(codes_ptr, CODE_BYTES, pid, PREFETCHERS, 32 * (BLOCK_R // 16) * SPLIT, USE_ASM)
+            THREADS: tl.constexpr = 32 * (BLOCK_R // 16) * SPLIT
+            _prefetch_l2(codes_ptr, CODE_BYTES, pid, PREFETCHERS, THREADS, USE_ASM)
             if not DENSE:
-                _prefetch_l2(index_ptr, INDEX_BYTES, pid, PREFETCHERS, 32 * (BLOCK_R // 16) * SPLIT, USE_ASM)
+                _prefetch_l2(index_ptr, INDEX_BYTES, pid, PREFETCHERS, THREADS, USE_ASM)
     first, seg_row0, word_base = 0, 0, 0  # the segment's first program, padded row and code word
     for w in tl.static_range(2, 17):
         if (PRESENT >> w) & 1:  # noqa: SIM102 (constexpr test apart from the runtime one)
@@ -976,6 +977,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         x = x.clone()
     words = x.view(torch.int32)
     pdl = uses_pdl(meta, config)
+    prefetchers = config.prefetchers if meta["prefetch"] else 0
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     run = run_tiles(dense)
     kernel = _fixed_kernel[(programs,)](
@@ -985,8 +987,9 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         EVEN=(cols // 32) % (run * config.split) == 0, NB=-(-batch // MMA_TOKENS), USE_ASM=not _interpreted(),
         PDL=pdl, AHEAD=config.ahead, RUN=run, ONE_TOKEN=batch == 1,
         STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
-        CODE_BYTES=meta["codes"].numel() * 4, INDEX_BYTES=meta["index"].numel() * 4,
-        PREFETCHERS=config.prefetchers if meta["prefetch"] else 0,
+        # the sizes only where read: an integer argument keys the compiled kernel (its divisibility by 16)
+        CODE_BYTES=meta["codes"].numel() * 4 if prefetchers else 0,
+        INDEX_BYTES=meta["index"].numel() * 4 if prefetchers else 0, PREFETCHERS=prefetchers,
         num_warps=config.warps, launch_pdl=pdl,
     )
     if config.programs_per_sm and meta["shared_per_sm"]:  # from the next launch on
