@@ -153,7 +153,7 @@ def case(module, packed, weight, bits, mean_bits: float, sparsity: str, batch: i
     dense_us = do_bench_cudagraph(lambda: torch.matmul(x, weight.T)) * 1e3
     kernel_us = do_bench_cudagraph(lambda: packed_matmul(x, module)) * 1e3
     meta = module.fixed_meta or module.kernel_meta  # the arrangement packed_matmul reads
-    read = kernel_bytes(meta, batch, rows, cols)  # its arrangement of the weight, x in, fp32 y out
+    read = kernel_bytes(meta, batch, rows, cols)  # its arrangement of the weight, x in, y out
     dense = [weight.clone() for _ in range(-(-4 * L2_BYTES // (weight.numel() * 2)))]
     cold_dense_us = _cold_us(lambda w: torch.matmul(x, w.T), dense)
     del dense

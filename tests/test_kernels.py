@@ -217,3 +217,22 @@ def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():
         for zero in (packed.tensors["zero"] + 0.5, packed.tensors["zero"] - 16):  # neither is a code of a 4-bit row
             tensors = dict(packed.tensors, zero=zero)
             assert fixed_meta(PackedLinear(packed.header(), tensors, bias=False)) is None, (sparsity, two_four)
+
+
+def test_kernel_bytes_count_the_arrangement_x_and_the_output_each_kernel_writes():
+    """The benchmark's bandwidth divides these bytes by the time: y counts at the width each kernel writes it
+    (fp16 from the fixed-position kernel, fp32 from the general kernel's atomics), the rest at its storage."""
+    pytest.importorskip("triton")
+    from sparsemix.kernels import _fixed_matmul, _general_matmul, fixed_meta, kernel_bytes, kernel_meta
+    from sparsemix.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, batch = 32, 256, 3
+    packed = random_packed(torch.full((rows,), 4), cols, 0.0, cols, gen)
+    module = PackedLinear(packed.header(), packed.tensors, bias=False)
+    x = torch.randn(batch, cols, generator=gen).half()
+    fixed = fixed_meta(module)
+    module.kernel_meta = kernel_meta(module)
+    for meta, y in ((fixed, _fixed_matmul(x, fixed, rows, cols, cols)), (module.kernel_meta, _general_matmul(x, module))):
+        arrangement = sum(t.numel() * t.element_size() for t in meta.values() if isinstance(t, torch.Tensor))
+        assert kernel_bytes(meta, batch, rows, cols) == arrangement + x.numel() * 2 + y.numel() * y.element_size()

@@ -1086,10 +1086,12 @@ def kernel_meta(module) -> dict:
 
 
 def kernel_bytes(meta: dict, batch: int, rows: int, cols: int) -> int:
-    """Bytes one packed_matmul call reads or writes at least once: the arrangement, x and fp32 y."""
+    """Bytes one packed_matmul call reads or writes at least once: the arrangement, fp16 x and y (fp16 from the
+    fixed-position kernel, a ``fixed_meta`` with its "segment_rows"; fp32 from the general kernel's atomics)."""
     read = sum(meta[k].numel() * meta[k].element_size()
                for k in ("codes", "mask", "index", "table", "chunk_off", "perm", "scale", "zero") if meta.get(k) is not None)
-    return read + batch * cols * 2 + batch * rows * 4
+    y_bytes = 2 if "segment_rows" in meta else 4
+    return read + batch * cols * 2 + batch * rows * y_bytes
 
 
 ROW_BY_ROW = 4  # up to this many tokens the batch-1 path once per token beats the tl.dot path
