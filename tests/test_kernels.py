@@ -101,6 +101,7 @@ def test_fixed_position_kernel_gives_the_same_product_under_other_launch_shapes(
         # tensor cores: warps = split * rows / 16
         # the cap and the L2 prefetches only exist on a GPU
         gpu_only = (FixedConfig(16, 1, 1, ahead=2, unrolled=True, programs_per_sm=2),
+                    FixedConfig(16, 1, 1, ahead=2, programs_per_sm=3),
                     FixedConfig(16, 1, 1, ahead=2, unrolled=True, prefetchers=2)) if device == "cuda" else ()
         for config in (FixedConfig(16, 1, 1), FixedConfig(16, 2, 2, ahead=3), FixedConfig(32, 2, 4, pdl=False, ahead=1),
                        FixedConfig(64, 1, 4, ahead=2), FixedConfig(16, 1, 1, ahead=2, unrolled=True),
@@ -161,7 +162,7 @@ def test_launch_shapes_fill_their_programs_exactly():
     for rows in (16, 576, 4096, 11008, 28672):
         for dense in (True, False):
             for batch in (1, 2, 16):
-                config = fixed_config(rows, 4096, dense, 132, batch)
+                config = fixed_config(rows, 4096, dense, 132, batch, True)
                 assert config.rows % PAD_ROWS == 0 and config.split & (config.split - 1) == 0
                 assert config.warps * PAD_ROWS == config.rows * config.split, (rows, dense, batch, config)
                 assert -(-rows // config.rows) <= 3 * 132 or config.rows == 2 * PAD_ROWS
@@ -169,16 +170,23 @@ def test_launch_shapes_fill_their_programs_exactly():
     # dense walks of at most 4 steps (of 1024 columns with one block a program) run unrolled; 2:4 walks of at most
     # 2 steps too, at most 2 programs to a multiprocessor; dense unrolled layers of more programs than multiprocessors
     # have 32 of them ask the L2 for the call's weights, up to 8 tokens
-    assert fixed_config(4096, 4096, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True, prefetchers=32)
-    assert fixed_config(576, 1536, True, 132, 1) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
-    assert fixed_config(4096, 4096, True, 132, 16) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
-    assert fixed_config(4096, 4096, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(576, 1536, False, 132, 1) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(4096, 4096, False, 132, 16) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
-    assert fixed_config(4096, 11008, False, 132, 1) == FixedConfig(16, 8, 8, True, 2)
-    assert fixed_config(4096, 11008, True, 132, 1) == FixedConfig(16, 8, 8, True, 2)
-    assert fixed_config(11008, 4096, True, 132, 1) == FixedConfig(32, 4, 8, True, 2)
-    assert fixed_config(11008, 4096, False, 132, 1) == FixedConfig(32, 4, 8, True, 1)
+    assert fixed_config(4096, 4096, True, 132, 1, False) == FixedConfig(16, 8, 8, True, 2, unrolled=True, prefetchers=32)
+    assert fixed_config(576, 1536, True, 132, 1, False) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    assert fixed_config(4096, 4096, True, 132, 16, False) == FixedConfig(16, 8, 8, True, 2, unrolled=True)
+    assert fixed_config(4096, 4096, False, 132, 1, False) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(576, 1536, False, 132, 1, False) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(4096, 4096, False, 132, 16, False) == FixedConfig(16, 8, 8, True, 2, True, programs_per_sm=2)
+    assert fixed_config(4096, 11008, False, 132, 1, False) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(4096, 11008, True, 132, 1, False) == FixedConfig(16, 8, 8, True, 2)
+    assert fixed_config(11008, 4096, True, 132, 1, False) == FixedConfig(32, 4, 8, True, 2)
+    assert fixed_config(11008, 4096, False, 132, 1, False) == FixedConfig(32, 4, 8, True, 1)
+    # narrow dense loop walks (at most 3 code bits a row on average, no row above 6), at one token: a fair share of
+    # the programs to a multiprocessor (258 programs of 16 rows: 2; 11040 padded rows: at most 345 + 6 of 32 rows: 3)
+    assert fixed_config(4128, 11008, True, 132, 1, True) == FixedConfig(16, 8, 8, True, 2, programs_per_sm=2)
+    assert fixed_config(11040, 4096, True, 132, 1, True) == FixedConfig(32, 4, 8, True, 2, programs_per_sm=3)
+    for elsewhere in ((4128, 11008, True, 132, 4, True), (4128, 11008, True, 132, 1, False),
+                      (4128, 11008, False, 132, 1, True), (4096, 4096, True, 132, 1, True)):
+        assert fixed_config(*elsewhere).programs_per_sm == 0, elsewhere
 
 
 def test_a_residency_cap_asks_each_launch_for_its_share_of_a_multiprocessors_shared_memory():
@@ -226,13 +234,29 @@ def test_kernel_bytes_count_the_arrangement_x_and_the_output_each_kernel_writes(
     from sparsemix.kernels import _fixed_matmul, _general_matmul, fixed_meta, kernel_bytes, kernel_meta
     from sparsemix.packed import PackedLinear
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
     rows, cols, batch = 32, 256, 3
     packed = random_packed(torch.full((rows,), 4), cols, 0.0, cols, gen)
-    module = PackedLinear(packed.header(), packed.tensors, bias=False)
-    x = torch.randn(batch, cols, generator=gen).half()
+    module = PackedLinear(packed.header(), packed.tensors, bias=False).to(device)
+    x = torch.randn(batch, cols, generator=gen).half().to(device)
     fixed = fixed_meta(module)
     module.kernel_meta = kernel_meta(module)
     for meta, y in ((fixed, _fixed_matmul(x, fixed, rows, cols, cols)), (module.kernel_meta, _general_matmul(x, module))):
         arrangement = sum(t.numel() * t.element_size() for t in meta.values() if isinstance(t, torch.Tensor))
         assert kernel_bytes(meta, batch, rows, cols) == arrangement + x.numel() * 2 + y.numel() * y.element_size()
+
+
+def test_narrow_layers_average_at_most_3_code_bits_with_no_row_above_6():
+    """The policy's "narrow" (a fair share of programs to a multiprocessor on dense loop walks): the rows'
+    mean code width at most NARROW_BITS, none wider than NARROW_WIDEST (fp16 rows count as 16 bits)."""
+    pytest.importorskip("triton")
+    from sparsemix.kernels import fixed_meta
+    from sparsemix.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(4)
+    for widths, narrow in (((2, 3, 4), True), ((3,), True), ((2, 4), True), ((2, 2, 2, 6), True), ((3, 4), False),
+                           ((2, 2, 2, 8), False), ((2, 2, 2, 2, 2, 2, 16), False)):
+        bits = torch.tensor(widths).repeat_interleave(16)  # 16 rows of each width in turn
+        packed = random_packed(bits, 64, 0.0, 64, gen)
+        assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))["narrow"] == narrow, widths

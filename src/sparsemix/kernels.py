@@ -808,6 +808,8 @@ class FixedConfig:
 UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs as straight-line code
 SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block, at most 2 to a multiprocessor
 PREFETCHERS = 32  # programs asking the L2 for a call's weights, where its dense unrolled programs overflow a wave
+NARROW_BITS = 3.0  # layers of at most this many code bits a row on average decode more per byte than they read
+NARROW_WIDEST = 6  # and of no row wider: the loop kernel then takes at most 64 registers (4 programs a multiprocessor)
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -816,9 +818,10 @@ def walk_steps(cols: int, dense: bool, split: int) -> int:
 
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
-def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> FixedConfig:
-    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows by ``cols`` columns, dense
-    or 2:4, on a GPU of ``sms`` multiprocessors: 8 warps; one block of 16 rows per program while they number
+def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow: bool) -> FixedConfig:
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows (width segments each padded
+    to PAD_ROWS) by ``cols`` columns, dense or 2:4, ``narrow`` or not (see below), on a GPU of ``sms``
+    multiprocessors: 8 warps; one block of 16 rows per program while they number
     at most 2 per multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
     wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
     about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
@@ -842,19 +845,31 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int) -> Fix
     benchmarks/results-h100-matvec35-prefetch.txt). Not elsewhere: at 16 tokens 9.00 against 8.70; 2:4 gained
     2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
     or every thread of a program asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096
-    (14.2 against 10.8 µs, every thread asking)."""
+    (14.2 against 10.8 µs, every thread asking).
+    Narrow dense layers (rows of NARROW_BITS code bits or fewer on average, none wider than NARROW_WIDEST) whose
+    walk is a loop, at one token: at most a fair share of the call's programs to a multiprocessor
+    (``programs_per_sm``, the programs over ``sms``, rounded up). Their loop takes 58-64 registers a thread,
+    so 4 programs fit a multiprocessor, and behind the previous call the programs of one call crowd some
+    multiprocessors, on layers whose decoding, not their bytes, sets the pace. 3-bit mixes (widths 2-4) at
+    batch 1: 4096 x 11008 10.78-10.81 against 13.43-13.45 µs, 11008 x 4096 8.45-8.56 against 10.14-10.29 (H100,
+    benchmarks/results-h100-matvec36-session15.txt). Not elsewhere: the cap's shared memory shrinks the L1, and
+    4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it; 2:4 3-bit
+    mixes gained 0-5%."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
     prefetchers = PREFETCHERS if dense and unrolled and -(-rows // PAD_ROWS) > sms and batch <= MMA_TOKENS else 0
-    return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled,
-                       2 if unrolled and not dense else 0, prefetchers)
+    cap = 2 if unrolled and not dense else 0
+    if dense and not unrolled and batch == 1 and narrow:
+        programs = -(-rows // (PAD_ROWS * blocks)) + (blocks - 1) * len(WIDTHS)  # + a part-filled one per segment
+        cap = -(-programs // sms)
+    return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled, cap, prefetchers)
 
 
 def launch_config(meta: dict, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
-    return meta["config"] or fixed_config(padded_rows, meta["cols"], meta["dense"], meta["sms"], batch)
+    return meta["config"] or fixed_config(padded_rows, meta["cols"], meta["dense"], meta["sms"], batch, meta["narrow"])
 
 
 def uses_pdl(meta: dict, config: FixedConfig) -> bool:
@@ -959,6 +974,8 @@ def fixed_meta(module) -> dict | None:
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
+            "narrow": sum(w * n for w, n in packed.widths.items()) <= NARROW_BITS * rows
+                      and max(packed.widths) <= NARROW_WIDEST,  # fp16 rows count as 16 bits
             "sms": sms, "cols": cols, "shared_per_sm": shared_per_sm,
             "pdl": hopper,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "prefetch": hopper,  # prefetch: the GPU has bulk L2 prefetches (``FixedConfig.prefetchers``)
