@@ -854,7 +854,7 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow
     batch 1: 4096 x 11008 10.78-10.81 against 13.43-13.45 µs, 11008 x 4096 8.45-8.56 against 10.14-10.29 (H100,
     benchmarks/results-h100-matvec36-session15.txt). Not elsewhere: the cap's shared memory shrinks the L1, and
     4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it; 2:4 3-bit
-    mixes gained 0-5%."""
+    mixes ran from 1% slower to 5% faster."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
@@ -1119,8 +1119,8 @@ def packed_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """x [..., cols] with at most 16 rows in all -> x W^T [..., rows] (no bias), in x's dtype; W packed.
 
     Layers ``fixed_meta`` arranges take the fixed-position kernel, one launch for the batch (at batch 1,
-    4 bits, weights from DRAM on an H100: 4.0-10.7 µs, 3.3-4.6x fp16, on 4096 x 4096, 4096 x 11008 and
-    11008 x 4096 layers); the rest the general kernel, once per token for 2 to ROW_BY_ROW tokens
+    4 bits, weights from DRAM on an H100: 4.0-10.9 µs, 3.3-4.4x fp16 on 4096 x 4096, 4096 x 11008 and
+    11008 x 4096 layers, session 15); the rest the general kernel, once per token for 2 to ROW_BY_ROW tokens
     (faster than its tl.dot path there), else once for the batch."""
     header = module.header
     rows, cols = header["rows"], header["cols"]
