@@ -854,7 +854,7 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow
     batch 1: 4096 x 11008 10.78-10.81 against 13.43-13.45 µs, 11008 x 4096 8.45-8.56 against 10.14-10.29 (H100,
     benchmarks/results-h100-matvec36-session15.txt). Not elsewhere: the cap's shared memory shrinks the L1, and
     4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it; 2:4 3-bit
-    mixes ran from 1% slower to 5% faster."""
+    mixes gained 3.5-5% from a fair share (not applied: 2:4 programs of 32 rows with 6-bit rows take 67 registers)."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
