@@ -61,8 +61,9 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     # an H100's choice for 4096 x 4096 of uniform rows
     config = kernels.fixed_config(4096, 4096, dense, sms=132, batch=tokens, narrow=width <= kernels.NARROW_BITS)
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
-             "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE"]
-    types = ["*i32", "*fp16"] + ["*i32"] * 5 + ["i32"] * 11
+             "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE",
+             "CODE_BYTES", "INDEX_BYTES"]
+    types = ["*i32", "*fp16"] + ["*i32"] * 5 + ["i32"] * 13
     if tokens > 1:
         names, types = names + ["B"], types + ["i32"]
     run = kernels.run_tiles(dense)
@@ -70,7 +71,7 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     const = dict(PRESENT=1 << width, DENSE=dense, GROUPED=False, BLOCK_R=config.rows, SPLIT=config.split, EVEN=True,
                  NB=-(-tokens // kernels.MMA_TOKENS), USE_ASM=True, PDL=config.pdl, AHEAD=config.ahead, RUN=run,
                  ONE_TOKEN=tokens == 1, STEPS=steps if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
-                 **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
+                 PREFETCHERS=config.prefetchers, **({} if tokens > 1 else {"B": 1}))  # a launch specialises B == 1
     ins = _sass(kernels._fixed_kernel, dict(zip(names, types)), const, config.warps, aligned=16)
     body = _walk(ins, steps) if config.unrolled else _loop(ins)
     positions = 64 if dense else 16 * run  # a lane's share of a step: 8 mma of 16 x 16, or RUN mma.sp of 16 x 32
