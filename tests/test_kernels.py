@@ -180,12 +180,14 @@ def test_launch_shapes_fill_their_programs_exactly():
     assert fixed_config(4096, 11008, True, 132, 1, False) == FixedConfig(16, 8, 8, True, 2)
     assert fixed_config(11008, 4096, True, 132, 1, False) == FixedConfig(32, 4, 8, True, 2)
     assert fixed_config(11008, 4096, False, 132, 1, False) == FixedConfig(32, 4, 8, True, 1)
-    # narrow dense loop walks (at most 3 code bits a row on average, no row above 6), at one token: a fair share of
-    # the programs to a multiprocessor (258 programs of 16 rows: 2; 11040 padded rows: at most 345 + 6 of 32 rows: 3)
+    # narrow loop walks (at most 3 code bits a row on average, no row above 6 dense, 4 2:4), at one token: a fair
+    # share of the programs to a multiprocessor (258 programs of 16 rows: 2; 11040 padded rows: at most 345 + 6 of 32)
     assert fixed_config(4128, 11008, True, 132, 1, True) == FixedConfig(16, 8, 8, True, 2, programs_per_sm=2)
     assert fixed_config(11040, 4096, True, 132, 1, True) == FixedConfig(32, 4, 8, True, 2, programs_per_sm=3)
+    assert fixed_config(4128, 11008, False, 132, 1, True) == FixedConfig(16, 8, 8, True, 2, programs_per_sm=2)
+    assert fixed_config(11040, 4096, False, 132, 1, True) == FixedConfig(32, 4, 8, True, 1, programs_per_sm=3)
     for elsewhere in ((4128, 11008, True, 132, 4, True), (4128, 11008, True, 132, 1, False),
-                      (4128, 11008, False, 132, 1, True), (4096, 4096, True, 132, 1, True)):
+                      (4128, 11008, False, 132, 2, True), (4096, 4096, True, 132, 1, True)):
         assert fixed_config(*elsewhere).programs_per_sm == 0, elsewhere
 
 
@@ -247,16 +249,19 @@ def test_kernel_bytes_count_the_arrangement_x_and_the_output_each_kernel_writes(
         assert kernel_bytes(meta, batch, rows, cols) == arrangement + x.numel() * 2 + y.numel() * y.element_size()
 
 
-def test_narrow_layers_average_at_most_3_code_bits_with_no_row_above_6():
-    """The policy's "narrow" (a fair share of programs to a multiprocessor on dense loop walks): the rows'
-    mean code width at most NARROW_BITS, none wider than NARROW_WIDEST (fp16 rows count as 16 bits)."""
+def test_narrow_layers_average_at_most_3_code_bits_with_no_row_above_6_dense_or_4_two_four():
+    """The policy's "narrow" (a fair share of programs to a multiprocessor on loop walks): the rows' mean code
+    width at most NARROW_BITS, none wider than NARROW_WIDEST (6 dense, 4 2:4; fp16 rows count as 16 bits)."""
     pytest.importorskip("triton")
     from sparsemix.kernels import fixed_meta
     from sparsemix.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(4)
-    for widths, narrow in (((2, 3, 4), True), ((3,), True), ((2, 4), True), ((2, 2, 2, 6), True), ((3, 4), False),
-                           ((2, 2, 2, 8), False), ((2, 2, 2, 2, 2, 2, 16), False)):
+    for widths, dense, two_four in (((2, 3, 4), True, True), ((3,), True, True), ((2, 4), True, True),
+                                    ((2, 2, 2, 6), True, False), ((3, 4), False, False), ((2, 2, 2, 8), False, False),
+                                    ((2, 2, 2, 2, 2, 2, 16), False, False)):
         bits = torch.tensor(widths).repeat_interleave(16)  # 16 rows of each width in turn
-        packed = random_packed(bits, 64, 0.0, 64, gen)
-        assert fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))["narrow"] == narrow, widths
+        for sparse, narrow in ((False, dense), (True, two_four)):
+            packed = random_packed(bits, 64, 0.5 if sparse else 0.0, 64, gen, two_four=sparse)
+            meta = fixed_meta(PackedLinear(packed.header(), packed.tensors, bias=False))
+            assert meta["dense"] != sparse and meta["narrow"] == narrow, (widths, sparse)

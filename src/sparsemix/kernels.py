@@ -809,7 +809,8 @@ UNROLLED_STEPS = 4  # the longest column walk a dense program of one block runs 
 SPARSE_UNROLLED_STEPS = 2  # the same for 2:4 programs of one block, at most 2 to a multiprocessor
 PREFETCHERS = 32  # programs asking the L2 for a call's weights, where its dense unrolled programs overflow a wave
 NARROW_BITS = 3.0  # layers of at most this many code bits a row on average decode more per byte than they read
-NARROW_WIDEST = 6  # and of no row wider: the loop kernel then takes at most 64 registers (4 programs a multiprocessor)
+# and of no row wider than this (dense, 2:4): their loops then take at most 64 registers (4 programs a multiprocessor)
+NARROW_WIDEST = {True: 6, False: 4}
 
 
 def walk_steps(cols: int, dense: bool, split: int) -> int:
@@ -846,21 +847,21 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow
     2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
     or every thread of a program asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096
     (14.2 against 10.8 µs, every thread asking).
-    Narrow dense layers (rows of NARROW_BITS code bits or fewer on average, none wider than NARROW_WIDEST) whose
-    walk is a loop, at one token: at most a fair share of the call's programs to a multiprocessor
+    Narrow layers (rows of NARROW_BITS code bits or fewer on average, none wider than NARROW_WIDEST: 6 dense, 4
+    2:4) whose walk is a loop, at one token: at most a fair share of the call's programs to a multiprocessor
     (``programs_per_sm``, the programs over ``sms``, rounded up). Their loop takes 58-64 registers a thread,
     so 4 programs fit a multiprocessor, and behind the previous call the programs of one call crowd some
     multiprocessors, on layers whose decoding, not their bytes, sets the pace. 3-bit mixes (widths 2-4) at
     batch 1: 4096 x 11008 10.78-10.81 against 13.43-13.45 µs, 11008 x 4096 8.45-8.56 against 10.14-10.29 (H100,
-    benchmarks/results-h100-matvec36-session15.txt). Not elsewhere: the cap's shared memory shrinks the L1, and
-    4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it; 2:4 3-bit
-    mixes gained 3.5-5% from a fair share (not applied: 2:4 programs of 32 rows with 6-bit rows take 67 registers)."""
+    benchmarks/results-h100-matvec36-session15.txt); 2:4 3-bit mixes 10.25-10.28 against 10.51-10.63 and 8.21-8.27
+    against 8.49-8.53 (2:4 programs of 32 rows with 6-bit rows take 67 registers, hence 2:4's lower limit). Not elsewhere: the cap's shared memory shrinks
+    the L1, and 4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
     prefetchers = PREFETCHERS if dense and unrolled and -(-rows // PAD_ROWS) > sms and batch <= MMA_TOKENS else 0
     cap = 2 if unrolled and not dense else 0
-    if dense and not unrolled and batch == 1 and narrow:
+    if narrow and not unrolled and batch == 1:
         programs = -(-rows // (PAD_ROWS * blocks)) + (blocks - 1) * len(WIDTHS)  # + a part-filled one per segment
         cap = -(-programs // sms)
     return FixedConfig(PAD_ROWS * blocks, split, 8, True, 2 if dense or blocks == 1 else 1, unrolled, cap, prefetchers)
@@ -975,7 +976,7 @@ def fixed_meta(module) -> dict | None:
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
             "narrow": sum(w * n for w, n in packed.widths.items()) <= NARROW_BITS * rows
-                      and max(packed.widths) <= NARROW_WIDEST,  # fp16 rows count as 16 bits
+                      and max(packed.widths) <= NARROW_WIDEST[dense],  # fp16 rows count as 16 bits
             "sms": sms, "cols": cols, "shared_per_sm": shared_per_sm,
             "pdl": hopper,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "prefetch": hopper,  # prefetch: the GPU has bulk L2 prefetches (``FixedConfig.prefetchers``)
