@@ -822,9 +822,8 @@ def walk_steps(cols: int, dense: bool, split: int) -> int:
 def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow: bool) -> FixedConfig:
     """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows (width segments each padded
     to PAD_ROWS) by ``cols`` columns, dense or 2:4, ``narrow`` or not (see below), on a GPU of ``sms``
-    multiprocessors: 8 warps; one block of 16 rows per program while they number
-    at most 2 per multiprocessor, else 2 blocks (4 warps each along the columns), so that all programs run in one
-    wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
+    multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per multiprocessor,
+    else 2 blocks (4 warps each along the columns), so that all programs run in one wave; weights loaded 2 steps ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take
     about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
     4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
     fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading further ahead,
@@ -854,8 +853,9 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow
     multiprocessors, on layers whose decoding, not their bytes, sets the pace. 3-bit mixes (widths 2-4) at
     batch 1: 4096 x 11008 10.78-10.81 against 13.43-13.45 µs, 11008 x 4096 8.45-8.56 against 10.14-10.29 (H100,
     benchmarks/results-h100-matvec36-session15.txt); 2:4 3-bit mixes 10.25-10.28 against 10.51-10.63 and 8.21-8.27
-    against 8.49-8.53 (2:4 programs of 32 rows with 6-bit rows take 67 registers, hence 2:4's lower limit). Not elsewhere: the cap's shared memory shrinks
-    the L1, and 4-bit (3 programs a multiprocessor by registers) and 5-bit mixes were 6-19% slower under it."""
+    against 8.49-8.53 (2:4 programs of 32 rows with 6-bit rows take 67 registers, hence 2:4's lower limit). Not
+    elsewhere: the cap's shared memory shrinks the L1, and 4-bit (3 programs a multiprocessor by registers) and
+    5-bit mixes were 6-19% slower under it."""
     blocks = 1 if -(-rows // PAD_ROWS) <= 2 * sms else 2
     split = 8 // blocks
     unrolled = blocks == 1 and walk_steps(cols, dense, split) <= (UNROLLED_STEPS if dense else SPARSE_UNROLLED_STEPS)
