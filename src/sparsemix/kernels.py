@@ -824,8 +824,8 @@ def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow
     to PAD_ROWS) by ``cols`` columns, dense or 2:4, ``narrow`` or not (see below), on a GPU of ``sms``
     multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per multiprocessor,
     else 2 blocks (4 warps each along the columns), so that all programs run in one wave; weights loaded 2 steps
-    ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take about 98 registers a thread: 2 programs per multiprocessor, two waves). From A/B sweeps on an H100 at
-    4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
+    ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take about 98 registers a thread: 2
+    programs per multiprocessor, two waves). From A/B sweeps on an H100 at 4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
     fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading further ahead,
     loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change the
     shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled:
