@@ -820,30 +820,29 @@ def walk_steps(cols: int, dense: bool, split: int) -> int:
 
 @functools.cache  # called on every launch: a dictionary lookup after the first
 def fixed_config(rows: int, cols: int, dense: bool, sms: int, batch: int, narrow: bool) -> FixedConfig:
-    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows (width segments each padded
-    to PAD_ROWS) by ``cols`` columns, dense or 2:4, ``narrow`` or not (see below), on a GPU of ``sms``
-    multiprocessors: 8 warps; one block of 16 rows per program while they number at most 2 per multiprocessor,
-    else 2 blocks (4 warps each along the columns), so that all programs run in one wave; weights loaded 2 steps
-    ahead, but 1 for 2:4 programs of 2 blocks (2 steps of 256 columns take about 98 registers a thread: 2
-    programs per multiprocessor, two waves). From A/B sweeps on an H100 at 4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt, -matvec27-sparse.txt): the
-    fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading further ahead,
-    loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change the
-    shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled:
-    4096 x 4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16
-    (H100, benchmarks/results-h100-matvec32-unrolled.txt); longer walks were as fast or slower unrolled, and
-    loading all 4 steps ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against
-    8.76 µs). 2:4 programs of one block walk up to SPARSE_UNROLLED_STEPS steps unrolled, at most 2 programs to a
-    multiprocessor (``programs_per_sm``): 4096 x 4096 at 4 bits 4.03-4.06 against 4.76-4.79 µs at batch 1, 4.73
-    against 5.83 at 2, 5.61 against 8.00 at 4, 7.77 against 12.09 at 8, 13.65 against 13.92 at 16; at batch 1
-    with 3 and 5 bits 4.16 and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt).
-    Unrolled alone: 4.67 at batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a
-    call on some multiprocessors while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16.
-    Dense unrolled layers of more programs than multiprocessors (4096 x 4096) have PREFETCHERS programs ask the
-    L2 for all the call's weights at entry, up to 8 tokens: 4096 x 4096 at batch 1 and 4 bits 4.35-4.49 against
-    4.57-4.68 µs (50% unstructured 4.49-4.67 against 4.79-4.85), 3 bits 4.22 against 4.45, 5 bits 5.04 against
-    5.15, batch 4 5.77 against 5.98, batch 8 6.61 against 6.77 (H100,
-    benchmarks/results-h100-matvec35-prefetch.txt). Not elsewhere: at 16 tokens 9.00 against 8.70; 2:4 gained
-    2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
+    """The launch shape for ``batch`` tokens and a layer of ``rows`` padded rows (width segments each padded to
+    PAD_ROWS) by ``cols`` columns, dense or 2:4, ``narrow`` or not (see below), on a GPU of ``sms`` multiprocessors:
+    8 warps; one block of 16 rows per program while they number at most 2 per multiprocessor, else 2 blocks (4 warps
+    each along the columns), so that all programs run in one wave; weights loaded 2 steps ahead, but 1 for 2:4
+    programs of 2 blocks (2 steps of 256 columns take about 98 registers a thread: 2 programs per multiprocessor,
+    two waves). From A/B sweeps on an H100 at 4 bits, batch 1, from DRAM (benchmarks/results-h100-matvec26-mma.txt,
+    -matvec27-sparse.txt): the fastest of the shapes tried, or within 3%, on 5 of the 6 benchmark layers; loading
+    further ahead, loading x ahead, more warps per block or capping registers was slower. ``batch`` does not change
+    the shape: one mma serves 8 tokens. Dense programs of one block walk up to UNROLLED_STEPS steps unrolled: 4096 x
+    4096 at 4 bits 4.57 against 5.05 µs at batch 1, 5.88 against 6.22 at 4, 8.65 against 8.92 at 16 (H100,
+    benchmarks/results-h100-matvec32-unrolled.txt); longer walks were as fast or slower unrolled, and loading all 4
+    steps ahead no faster at batch 1 and slower at 4 and 16 (6.35 against 5.74, 9.64 against 8.76 µs). 2:4 programs
+    of one block walk up to SPARSE_UNROLLED_STEPS steps unrolled, at most 2 programs to a multiprocessor
+    (``programs_per_sm``): 4096 x 4096 at 4 bits 4.03-4.06 against 4.76-4.79 µs at batch 1, 4.73 against 5.83 at 2,
+    5.61 against 8.00 at 4, 7.77 against 12.09 at 8, 13.65 against 13.92 at 16; at batch 1 with 3 and 5 bits 4.16
+    and 4.27 against 4.95 and 5.22 (H100, benchmarks/results-h100-matvec33-residency.txt). Unrolled alone: 4.67 at
+    batch 1, 17.5 at 16 (registers then let 4 programs in, and the trace had 4 of a call on some multiprocessors
+    while others ran none); the cap alone: 5.14 at batch 2, 15.28 at 16. Dense unrolled layers of more programs than
+    multiprocessors (4096 x 4096) have PREFETCHERS programs ask the L2 for all the call's weights at entry, up to 8
+    tokens: 4096 x 4096 at batch 1 and 4 bits 4.35-4.49 against 4.57-4.68 µs (50% unstructured 4.49-4.67 against
+    4.79-4.85), 3 bits 4.22 against 4.45, 5 bits 5.04 against 5.15, batch 4 5.77 against 5.98, batch 8 6.61 against
+    6.77 (H100, benchmarks/results-h100-matvec35-prefetch.txt). Not elsewhere: at 16 tokens 9.00 against 8.70; 2:4
+    gained 2-5% at 4 bits but lost at 3 (3.77 against 3.67) and at 16 tokens (16.1 against 13.6); 8 programs or all,
     or every thread of a program asking, were slower, and so were the long walks of 4096 x 11008 and 11008 x 4096
     (14.2 against 10.8 µs, every thread asking).
     Narrow layers (rows of NARROW_BITS code bits or fewer on average, none wider than NARROW_WIDEST: 6 dense, 4
