@@ -59,7 +59,8 @@ def fixed_instructions(width: int, dense: bool, tokens: int = 1) -> dict:
     at the shape ``fixed_config`` picks for 4096 x 4096 and ``tokens`` tokens: the loop body, or an unrolled
     walk's instructions over its steps; per weight = per column position (kept or pruned)."""
     # an H100's choice for 4096 x 4096 of uniform rows
-    config = kernels.fixed_config(4096, 4096, dense, sms=132, batch=tokens, narrow=width <= kernels.NARROW_BITS)
+    narrow = kernels.is_narrow({width: 4096}, dense)
+    config = kernels.fixed_config(4096, 4096, dense, sms=132, batch=tokens, narrow=narrow)
     names = ["x_ptr", "y_ptr", "codes_ptr", "index_ptr", "perm_ptr", "scale_ptr", "zz_ptr",
              "ROWS_2", "ROWS_3", "ROWS_4", "ROWS_6", "ROWS_8", "ROWS_16", "P", "K", "GROUP_SIZE", "X_STRIDE", "Y_STRIDE",
              "CODE_BYTES", "INDEX_BYTES"]

@@ -813,6 +813,13 @@ NARROW_BITS = 3.0  # layers of at most this many code bits a row on average deco
 NARROW_WIDEST = {True: 6, False: 4}
 
 
+def is_narrow(widths: dict[int, int], dense: bool) -> bool:
+    """Whether a layer of ``widths`` (code bits -> rows; fp16 rows count as 16) is narrow for ``fixed_config``:
+    its rows average at most NARROW_BITS code bits and none is wider than NARROW_WIDEST (dense or 2:4)."""
+    return (sum(w * n for w, n in widths.items()) <= NARROW_BITS * sum(widths.values())
+            and max(widths) <= NARROW_WIDEST[dense])
+
+
 def walk_steps(cols: int, dense: bool, split: int) -> int:
     """Steps of a warp's column walk over ``cols`` columns with ``split`` walks side by side."""
     return -(-(cols // 32) // (run_tiles(dense) * split))
@@ -974,8 +981,7 @@ def fixed_meta(module) -> dict | None:
     return {"codes": codes, "index": index, "segment_rows": [segment_rows.get(w, 0) for w in WIDTHS],
             "perm": perm, "scale": scale.contiguous(), "zero": zz.contiguous(),
             "present": sum(1 << w for w in packed.widths), "dense": dense,
-            "narrow": sum(w * n for w, n in packed.widths.items()) <= NARROW_BITS * rows
-                      and max(packed.widths) <= NARROW_WIDEST[dense],  # fp16 rows count as 16 bits
+            "narrow": is_narrow(packed.widths, dense),
             "sms": sms, "cols": cols, "shared_per_sm": shared_per_sm,
             "pdl": hopper,  # pdl: the GPU has programmatic dependent launch (the benchmark can turn it off)
             "prefetch": hopper,  # prefetch: the GPU has bulk L2 prefetches (``FixedConfig.prefetchers``)
