@@ -493,6 +493,59 @@ def _pinned(words, USE_ASM: tl.constexpr):
     return words
 
 
+@triton.jit
+def _scratch(v):
+    """The shared-memory address (32 bits) of the kernel's scratch, Triton's ``global_smem``, per element of v."""
+    return tl.inline_asm_elementwise("mov.b32 $0, global_smem;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _barrier(v):
+    """All threads of the program meet (``bar.sync``); shared-memory writes before it are seen after it."""
+    return tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, 0;", "=r,r", [v], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _put_pair(address, a, b, ok):
+    """Where ``ok``: fp32 a into shared memory at ``address`` and b 32 bytes on."""
+    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $4, 0; @p st.shared.f32 [$1], $2; "
+                                     "@p st.shared.f32 [$1+32], $3; mov.b32 $0, 0; }", "=r,r,f,f,r",
+                                     [address, a, b, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _get(address):
+    """The fp32 in shared memory at ``address``."""
+    return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [address], dtype=tl.float32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _reserve_scratch(side, N: tl.constexpr):
+    """True for each of the N threads, computed so that Triton gives the kernel N * 4 bytes of shared scratch (a
+    cross-warp max of the warps' ``side``, all >= 0), which ``_shared_sum`` reuses: Triton allocates shared memory
+    only for its own operations. Ends with a barrier, so that no warp writes there while another still reads."""
+    top = tl.max(tl.reshape(side, (N // 32, 32)), axis=0)
+    kept = tl.reshape(tl.broadcast_to(top[None, :], (N // 32, 32)), (N,)) >= 0
+    _barrier(side)
+    return kept
+
+
+@triton.jit
+def _shared_sum(accs, e, lane, block, side, quad, SPLIT: tl.constexpr, BLOCKS: tl.constexpr):
+    """One token: the sum of the SPLIT column walks of each block's 16 rows, in thread (side 0, lane r < 16) of the
+    block for its row r. The token's output column of each mma (``accs`` c0: row p = lane // 4, c2: row p + 8, in the
+    lanes of quad 0) goes to shared memory, 64 bytes per warp, and after one barrier 16 threads of each block add
+    their row's SPLIT values: Triton's cross-warp sum took 5 barriers and butterfly shuffles for the two halves."""
+    sums = _scratch(e) + block * (64 * SPLIT)
+    _put_pair(sums + side * 64 + (lane // 4) * 4, accs[0], accs[2], quad == 0)
+    _barrier(e)
+    total = _get(sums + (lane % 16) * 4)
+    for s in tl.static_range(1, SPLIT):
+        total += _get(sums + s * 64 + (lane % 16) * 4)
+    return total
+
+
 PREFETCH_THREADS = tl.constexpr(8)  # threads of a prefetching program that each ask the L2 for a slice (not all 256)
 
 
@@ -629,7 +682,7 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
                P, K, GROUP_SIZE, B, X_STRIDE, Y_STRIDE, W: tl.constexpr, SPARSE: tl.constexpr, GROUPED: tl.constexpr,
                BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr,
                USE_ASM: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr,
-               ONE_TOKEN: tl.constexpr, STEPS: tl.constexpr):
+               ONE_TOKEN: tl.constexpr, STEPS: tl.constexpr, SHARED_SUM: tl.constexpr):
     """Padded rows row0.. (all of width W) times all columns for B <= 8 NB tokens, into y[token, perm[row]]
     on the tensor cores: BLOCK_R // 16 warps of 16 rows side by side with SPLIT along the columns, each
     warp walking every SPLIT-th run of RUN tiles (see above); the column walks are summed at the end.
@@ -665,17 +718,26 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
     for nb in tl.static_range(NB):
         zero = tl.zeros([N], dtype=tl.float32)
         accs = accs + ((zero, zero, zero, zero),)
-    # what the stores need, per element block * 32 + lane of the column walks' sum, loaded before the
-    # loop so that its latency hides behind it: output rows (perm) and, one grid per row, their scales
-    f = tl.arange(0, 32 * BLOCKS)
-    out = row0 + (f // 32) * 16 + (f % 32) // 4
-    column = 2 * (f % 4)  # of the mma's output: its token in the block
-    mine = out - seg_row0 < seg_rows
-    targets = (tl.load(perm_ptr + out, mask=mine, other=-1), tl.load(perm_ptr + out + 8, mask=mine, other=-1))
-    scales = (1.0, 1.0)
-    if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
-        scales = (_halves(tl.load(scale_ptr + out, mask=mine, other=0))[0],
-                  _halves(tl.load(scale_ptr + out + 8, mask=mine, other=0))[0])
+    # what the stores need, loaded before the walk so that its latency hides behind it: output rows (perm) and, one
+    # grid per row, their scales. SHARED_SUM: the walks are summed through shared memory (``_shared_sum``) and thread
+    # (side 0, lane r < 16) of each block stores row r; else per element block * 32 + lane of Triton's sum of the walks
+    if SHARED_SUM:
+        row = row0 + block * 16 + lane % 16
+        storing = (side == 0) & (lane < 16) & (row - seg_row0 < seg_rows)
+        target = tl.load(perm_ptr + row, mask=storing, other=-1)
+        scale = 1.0
+        if W < 16 and not GROUPED:  # (code - zero) x summed, times the row's scale
+            scale = _halves(tl.load(scale_ptr + row, mask=storing, other=0))[0]
+    else:
+        f = tl.arange(0, 32 * BLOCKS)
+        out = row0 + (f // 32) * 16 + (f % 32) // 4
+        column = 2 * (f % 4)  # of the mma's output: its token in the block
+        mine = out - seg_row0 < seg_rows
+        targets = (tl.load(perm_ptr + out, mask=mine, other=-1), tl.load(perm_ptr + out + 8, mask=mine, other=-1))
+        scales = (1.0, 1.0)
+        if W < 16 and not GROUPED:
+            scales = (_halves(tl.load(scale_ptr + out, mask=mine, other=0))[0],
+                      _halves(tl.load(scale_ptr + out + 8, mask=mine, other=0))[0])
     STRIDE: tl.constexpr = RUN * SPLIT  # tiles per step of the loop
     pending = ()  # the next AHEAD steps' weights
     for d in tl.static_range(AHEAD):
@@ -684,6 +746,8 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         pending = pending + (_mma_load(codes_ptr, index_ptr, scale_ptr, zz_ptr, word_base, top, lane, run, run + meta_offset,
                                        inside & (d * STRIDE + side * RUN < n_tiles), tile, n_tiles, P, GROUP_SIZE, W, SPARSE,
                                        GROUPED, RUN, USE_ASM),)
+    if SHARED_SUM:  # after the loads above: its barrier would hold them back
+        storing = storing & _reserve_scratch(side, N)
     pointers = (x_ptr, codes_ptr, index_ptr, scale_ptr, zz_ptr)
     lanes = (top, lane, side, quad, inside, runs_before, meta_offset)
     sizes, grids = (word_base, n_tiles, P, GROUP_SIZE, B, X_STRIDE), (zz_top, s_top, zz_bottom, s_bottom, exponent)
@@ -711,15 +775,19 @@ def _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, 
         for first in range(0, n_tiles, STRIDE):
             pending, accs = _mma_step(pending, accs, first, pointers, lanes, sizes, grids, W, SPARSE, GROUPED,
                                       IN_PLACE, SPLIT, EVEN, NB, AHEAD, RUN, USE_ASM, False)
-    for half in tl.static_range(2):  # rows top, top + 8
-        target = targets[half]
-        for nb in tl.static_range(NB):
-            for j in tl.static_range(2):
-                if j == 0 or not ONE_TOKEN:  # one token: only its column (2q, j = 0) is stored
-                    y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
-                    token = nb * 8 + column + j
-                    tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty),
-                             mask=(target >= 0) & (token < B))
+    if SHARED_SUM:
+        total = _shared_sum(accs[0], e, lane, block, side, quad, SPLIT, BLOCKS) * scale
+        tl.store(y_ptr + target, total.to(y_ptr.dtype.element_ty), mask=storing & (target >= 0))
+    else:
+        for half in tl.static_range(2):  # rows top, top + 8
+            target = targets[half]
+            for nb in tl.static_range(NB):
+                for j in tl.static_range(2):
+                    if j == 0 or not ONE_TOKEN:  # one token: only its column (2q, j = 0) is stored
+                        y = tl.sum(accs[nb][2 * half + j].reshape(SPLIT, 32 * BLOCKS), axis=0) * scales[half]
+                        token = nb * 8 + column + j
+                        tl.store(y_ptr + token * Y_STRIDE + target, y.to(y_ptr.dtype.element_ty),
+                                 mask=(target >= 0) & (token < B))
 
 
 @triton.jit
@@ -752,12 +820,15 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
     as every program here has started, and this one waits for its predecessor only before reading x.
-    PROGRAMS_PER_SM only keys the compiled kernel: a capped launch shape gets a kernel of its own to cap
-    (``_cap_residency``). The first PREFETCHERS programs ask the L2 for all CODE_BYTES of code words (and the
+    PROGRAMS_PER_SM keys the compiled kernel, so that a capped launch shape gets a kernel of its own to cap
+    (``_cap_residency``), and decides how dense loop walks are summed (SHARED_SUM below). The first PREFETCHERS programs ask the L2 for all CODE_BYTES of code words (and the
     INDEX_BYTES of 2:4 metadata) at entry, so that the weights of the programs that start late are on their way
     before those start."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    # one token, compiled: the column walks summed through shared memory (``_shared_sum``), except on dense loop walks
+    # at free residency, where it leaves ptxas at 64 registers and 4 programs crowd a multiprocessor instead of 3
+    SHARED_SUM: tl.constexpr = ONE_TOKEN and USE_ASM and (not DENSE or STEPS > 0 or PROGRAMS_PER_SM > 0)
     pid = tl.program_id(0)
     if PREFETCHERS > 0:  # the first programs to start ask the L2 for the whole call's weights
         if pid < PREFETCHERS:
@@ -775,7 +846,7 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                 _mma_block(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_ptr, row0,
                            tl.multiple_of(word_base, 16), tl.multiple_of(seg_row0, 16), seg_rows, P, K, GROUP_SIZE,
                            B, X_STRIDE, Y_STRIDE, w, not DENSE, GROUPED, BLOCK_R, SPLIT, EVEN, NB, USE_ASM, PDL,
-                           AHEAD, RUN, ONE_TOKEN, STEPS)
+                           AHEAD, RUN, ONE_TOKEN, STEPS, SHARED_SUM)
             first += programs
             seg_row0 += seg_rows
             # whole runs of RUN tiles of 32 columns; 2:4 keeps half of them
