@@ -826,9 +826,9 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
     before those start."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    # one token, compiled: the column walks summed through shared memory (``_shared_sum``), except on dense loop walks
+    # one token, compiled, walks side by side: summed through shared memory (``_shared_sum``), except dense loop walks
     # at free residency, where it leaves ptxas at 64 registers and 4 programs crowd a multiprocessor instead of 3
-    SHARED_SUM: tl.constexpr = ONE_TOKEN and USE_ASM and (not DENSE or STEPS > 0 or PROGRAMS_PER_SM > 0)
+    SHARED_SUM: tl.constexpr = ONE_TOKEN and USE_ASM and SPLIT > 1 and (not DENSE or STEPS > 0 or PROGRAMS_PER_SM > 0)
     pid = tl.program_id(0)
     if PREFETCHERS > 0:  # the first programs to start ask the L2 for the whole call's weights
         if pid < PREFETCHERS:
