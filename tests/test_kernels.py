@@ -215,6 +215,20 @@ def test_a_residency_cap_asks_each_launch_for_its_share_of_a_multiprocessors_sha
     assert roomy.packed_metadata == (8, 1, 100_000) and roomy.module == "loaded"
 
 
+def test_a_kernel_with_less_shared_scratch_than_its_shared_sum_writes_fails_loudly():
+    """The one-token sum writes 64 bytes a warp into scratch that Triton allocates for its own use: a compiled kernel
+    with less raises at its first launch, rather than letting warps overwrite each other's sums; enough passes, and so
+    does an object without Triton 3's metadata."""
+    from types import SimpleNamespace
+
+    from sparsemix.kernels import _check_scratch
+
+    with pytest.raises(RuntimeError, match="needs 512"):
+        _check_scratch(SimpleNamespace(metadata=SimpleNamespace(shared=256)), 8)
+    _check_scratch(SimpleNamespace(metadata=SimpleNamespace(shared=1024)), 8)
+    _check_scratch(object(), 8)
+
+
 def test_zero_points_that_are_not_codes_leave_the_layer_to_the_general_kernel():
     pytest.importorskip("triton")
     from sparsemix.kernels import fixed_meta

@@ -196,8 +196,9 @@ def _packed_matmul_kernel(
 #   scale once per row after the loop; grouped layers scale each weight in fp16 (HMUL2), as
 #   ``dequantise`` rounds it.
 # * a program's warps take BLOCK_R // 16 blocks of 16 rows side by side with SPLIT along the columns,
-#   and sum their column walks at the end (no atomics, y written in x's dtype); each step first loads
-#   the weights of the step AHEAD on.
+#   and sum their column walks at the end (no atomics, y written in x's dtype; at one token through 64
+#   bytes of shared memory a warp and one barrier, ``_shared_sum``); each step first loads the weights
+#   of the step AHEAD on.
 
 PAD_ROWS = 16  # each width segment is padded to a multiple of this many rows (aligned vector loads)
 
@@ -814,21 +815,18 @@ def _fixed_kernel(x_ptr, y_ptr, codes_ptr, index_ptr, perm_ptr, scale_ptr, zz_pt
                   SPLIT: tl.constexpr, EVEN: tl.constexpr, NB: tl.constexpr, USE_ASM: tl.constexpr,
                   PDL: tl.constexpr, AHEAD: tl.constexpr, RUN: tl.constexpr, ONE_TOKEN: tl.constexpr,
                   STEPS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, CODE_BYTES, INDEX_BYTES,
-                  PREFETCHERS: tl.constexpr):
+                  PREFETCHERS: tl.constexpr, SHARED_SUM: tl.constexpr):
     """One program: BLOCK_R padded rows of one width over all columns and all B tokens (``_mma_block``).
     Segments follow in ascending width, ROWS_w padded rows each (0 when absent): a program finds its
     rows from these arguments alone, with no table to load before its first weight load.
     PDL (programmatic dependent launch, Hopper on): the next kernel in the stream may start as soon
     as every program here has started, and this one waits for its predecessor only before reading x.
-    PROGRAMS_PER_SM keys the compiled kernel, so that a capped launch shape gets a kernel of its own to cap
-    (``_cap_residency``), and decides how dense loop walks are summed (SHARED_SUM below). The first PREFETCHERS programs ask the L2 for all CODE_BYTES of code words (and the
-    INDEX_BYTES of 2:4 metadata) at entry, so that the weights of the programs that start late are on their way
-    before those start."""
+    PROGRAMS_PER_SM only keys the compiled kernel: a capped launch shape gets a kernel of its own to cap
+    (``_cap_residency``). SHARED_SUM: the column walks are summed through shared memory (``uses_shared_sum``).
+    The first PREFETCHERS programs ask the L2 for all CODE_BYTES of code words (and the INDEX_BYTES of 2:4
+    metadata) at entry, so that the weights of the programs that start late are on their way before those start."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    # one token, compiled, walks side by side: summed through shared memory (``_shared_sum``), except dense loop walks
-    # at free residency, where it leaves ptxas at 64 registers and 4 programs crowd a multiprocessor instead of 3
-    SHARED_SUM: tl.constexpr = ONE_TOKEN and USE_ASM and SPLIT > 1 and (not DENSE or STEPS > 0 or PROGRAMS_PER_SM > 0)
     pid = tl.program_id(0)
     if PREFETCHERS > 0:  # the first programs to start ask the L2 for the whole call's weights
         if pid < PREFETCHERS:
@@ -948,6 +946,17 @@ def launch_config(meta: dict, batch: int) -> FixedConfig:
     """The launch shape ``_fixed_matmul`` uses for ``batch`` tokens on a ``fixed_meta`` arrangement."""
     padded_rows = meta["perm"].numel()  # perm has an entry per padded row (-1 on padding)
     return meta["config"] or fixed_config(padded_rows, meta["cols"], meta["dense"], meta["sms"], batch, meta["narrow"])
+
+
+def uses_shared_sum(config: FixedConfig, dense: bool, batch: int) -> bool:
+    """Whether the compiled kernel sums its column walks through shared memory (``_shared_sum``): at one token, when
+    the walks lie side by side (split > 1), except dense loop walks at free residency. There ptxas then settles at
+    64 registers (4 bytes spilled) and 4 programs crowd a multiprocessor instead of 3: 4096 x 11008 and 11008 x 4096
+    at 4 bits were 6-10% slower. Elsewhere at batch 1, 4 bits: 4096 x 4096 dense 4.19-4.28 against 4.44-4.49 µs, 50%
+    4.30-4.40 against 4.61-4.63, 2:4 3.77-3.84 against 4.01-4.06; 2:4 4096 x 11008 and 11008 x 4096 2-3% faster,
+    3-bit dense 4096 x 11008 9.51 against 10.75 (H100, benchmarks/results-h100-matvec38-session17.txt)."""
+    return batch == 1 and not _interpreted() and config.split > 1 and (
+        not dense or config.unrolled or config.programs_per_sm > 0)
 
 
 def uses_pdl(meta: dict, config: FixedConfig) -> bool:
@@ -1074,6 +1083,7 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
     prefetchers = config.prefetchers if meta["prefetch"] else 0
     programs = sum(-(-n // config.rows) for n in meta["segment_rows"])
     run = run_tiles(dense)
+    shared_sum = uses_shared_sum(config, dense, batch)
     kernel = _fixed_kernel[(programs,)](
         words, y, meta["codes"], meta["index"], meta["perm"], meta["scale"], meta["zero"], *meta["segment_rows"],
         meta["perm"].numel(), cols, group_size, batch, words.shape[1], rows,
@@ -1083,12 +1093,23 @@ def _fixed_matmul(x: torch.Tensor, meta: dict, rows: int, cols: int, group_size:
         STEPS=walk_steps(cols, dense, config.split) if config.unrolled else 0, PROGRAMS_PER_SM=config.programs_per_sm,
         # the sizes only where read: an integer argument keys the compiled kernel (its divisibility by 16)
         CODE_BYTES=meta["codes"].numel() * 4 if prefetchers else 0,
-        INDEX_BYTES=meta["index"].numel() * 4 if prefetchers else 0, PREFETCHERS=prefetchers,
+        INDEX_BYTES=meta["index"].numel() * 4 if prefetchers else 0, PREFETCHERS=prefetchers, SHARED_SUM=shared_sum,
         num_warps=config.warps, launch_pdl=pdl,
     )
+    if shared_sum:
+        _check_scratch(kernel, config.warps)
     if config.programs_per_sm and meta["shared_per_sm"]:  # from the next launch on
         _cap_residency(kernel, config.programs_per_sm, meta["shared_per_sm"])
     return y
+
+
+def _check_scratch(kernel, warps: int) -> None:
+    """The shared sum writes 64 bytes a warp into the scratch that ``_reserve_scratch`` has Triton allocate (4 bytes a
+    thread, 128 a warp, in Triton 3.6): fail loudly should a Triton give less."""
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if shared is not None and shared < 64 * warps:
+        raise RuntimeError(f"sparsemix: Triton gave the packed kernel {shared} bytes of shared memory, its shared sum "
+                           f"needs {64 * warps}: run it with Triton 3.6, whose scratch it was written for")
 
 
 def _cap_residency(kernel, programs_per_sm: int, shared_per_sm: int) -> None:
